@@ -115,3 +115,380 @@ def dequantize(raw, kind, n):
         return (d * (q - 8)).reshape(-1)
     m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)  # Q4_1: x = d * q + m
     return (d * q + m).reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+@dataclass
+class ModelArgs:
+    dim: int = 576
+    n_layers: int = 30
+    n_heads: int = 9  # query heads per layer of the intact model
+    n_kv_heads: int = 3  # grouped-query attention when < n_heads
+    head_dim: int = 64
+    ffn_dim: int = 1536
+    vocab_size: int = 49152
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    max_seq_len: int = 2048
+    # Per-layer structure, so a pruned model with uneven layers is the same class. kv_of_head[l] lists,
+    # for each query head of layer l, which of that layer's kv heads it reads (an empty list: no
+    # attention in layer l); ffn_dims[l] is layer l's FFN width (0: no FFN). None = intact, uniform.
+    kv_of_head: list = None
+    ffn_dims: list = None
+
+    def __post_init__(self):
+        if self.kv_of_head is None:
+            group = self.n_heads // self.n_kv_heads
+            self.kv_of_head = [[h // group for h in range(self.n_heads)] for _ in range(self.n_layers)]
+        if self.ffn_dims is None:
+            self.ffn_dims = [self.ffn_dim] * self.n_layers
+
+
+def linear(x, weight, adapter, name):
+    """y = W x, plus the LoRA branch B A x * scale when the adapter has one for this weight (Eq. 4)."""
+    y = F.linear(x, weight)
+    A = adapter.get(name + ".lora_A")  # [r, in]
+    if A is not None:
+        y = y + F.linear(F.linear(x, A.to(x.dtype)), adapter[name + ".lora_B"].to(x.dtype)) * adapter["lora_scale"]
+    return y
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # The mean runs over all dims, masked ones included: the masked model still divides by the full d.
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim, max_len, theta):
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # [max_len, head_dim/2]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    # x [B, T, heads, head_dim] in the rotate-half layout (Hugging Face); cos, sin [T, head_dim/2]
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args, layer):
+        super().__init__()
+        kv_of_head = args.kv_of_head[layer]
+        self.n_heads, self.n_kv = len(kv_of_head), (max(kv_of_head) + 1 if kv_of_head else 0)
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, self.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv * args.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * args.head_dim, args.dim, bias=False)
+        self.register_buffer("kv_index", torch.tensor(kv_of_head, dtype=torch.long), persistent=False)
+        self.cache_k = self.cache_v = None
+
+    def forward(self, x, cos, sin, adapter, name, z_head, start_pos):
+        B, T, _ = x.shape
+        q = linear(x, self.wq.weight, adapter, name + "wq").view(B, T, self.n_heads, self.head_dim)
+        k = linear(x, self.wk.weight, adapter, name + "wk").view(B, T, self.n_kv, self.head_dim)
+        v = linear(x, self.wv.weight, adapter, name + "wv").view(B, T, self.n_kv, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, causal = None, True
+        if start_pos is not None:  # KV cache: write this step's keys and values, attend over all so far
+            self.cache_k[:B, start_pos:start_pos + T] = k
+            self.cache_v[:B, start_pos:start_pos + T] = v
+            k, v = self.cache_k[:B, :start_pos + T], self.cache_v[:B, :start_pos + T]
+            if start_pos > 0:  # query i sits at position start_pos + i
+                causal = False
+                if T > 1:
+                    mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
+        if self.n_kv != self.n_heads:  # grouped-query attention: each query head reads its kv head
+            k, v = k.index_select(2, self.kv_index), v.index_select(2, self.kv_index)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, is_causal=causal and T > 1)
+        y = y.transpose(1, 2)  # [B, T, heads, head_dim]
+        if z_head is not None:  # Eq. 1: each head's output scaled by its mask before the output projection
+            y = y * z_head.to(y.dtype)[:, None]
+        return linear(y.reshape(B, T, -1), self.wo.weight, adapter, name + "wo")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args, layer):
+        super().__init__()
+        hidden = args.ffn_dims[layer]
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)  # gate
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)  # up
+
+    def forward(self, x, adapter, name, z_int):
+        h = F.silu(linear(x, self.w1.weight, adapter, name + "w1")) * linear(x, self.w3.weight, adapter, name + "w3")
+        if z_int is not None:  # Eq. 2: mask the intermediate units
+            h = h * z_int.to(h.dtype)
+        return linear(h, self.w2.weight, adapter, name + "w2")
+
+
+class Block(nn.Module):
+    def __init__(self, args, layer):
+        super().__init__()
+        self.attention = Attention(args, layer) if args.kv_of_head[layer] else None
+        self.feed_forward = FeedForward(args, layer) if args.ffn_dims[layer] else None
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, h, cos, sin, adapter, layer, start_pos):
+        name, z_hid = f"layers.{layer}.", adapter.get("z_hid")
+        z_head, z_int = adapter.get("z_head"), adapter.get("z_int")
+        if self.attention is not None:  # a layer that lost every head passes its input through
+            out = self.attention(self.attention_norm(h), cos, sin, adapter, name + "attention.",
+                                 None if z_head is None else z_head[layer], start_pos)
+            h = h + (out if z_hid is None else out * z_hid.to(out.dtype))  # Eq. 1: z_hid on the output
+        if self.feed_forward is not None:
+            out = self.feed_forward(self.ffn_norm(h), adapter, name + "feed_forward.",
+                                    None if z_int is None else z_int[layer])
+            h = h + (out if z_hid is None else out * z_hid.to(out.dtype))  # Eq. 2
+        return h
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, tokens, adapter=None, start_pos=None, return_hidden=False):
+        """tokens [B, T] -> logits [B, T, vocab] (and the hidden state after each layer if asked).
+
+        adapter: None runs the intact model. Otherwise a flat dict of tensors, all optional:
+          "z_head" [n_layers, n_heads], "z_int" [n_layers, ffn_dim], "z_hid" [dim]  masks (Eq. 1-2);
+          "layers.{i}.attention.wq.lora_A" [r, in], "...lora_B" [out, r] (any of wq wk wv wo w1 w2 w3)
+          and "lora_scale" (alpha / r)                                               LoRA (Eq. 4).
+        The student passes trainable tensors, a teacher a frozen snapshot: same base weights, no copy.
+        start_pos: None for a plain causal forward; an int to read and extend the KV cache (setup_cache).
+        """
+        adapter = adapter or {}
+        B, T = tokens.shape
+        pos = start_pos or 0
+        if pos + T > self.args.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than max_seq_len {self.args.max_seq_len}")
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        h = self.tok_embeddings(tokens)  # [B, T, dim]
+        z_hid = adapter.get("z_hid")
+        if z_hid is not None:
+            h = h * z_hid.to(h.dtype)
+        hidden = []
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, adapter, i, start_pos)
+            hidden.append(h)
+        h = self.norm(h)
+        logits = F.linear(h, self.tok_embeddings.weight if self.output is None else self.output.weight)
+        return (logits, hidden) if return_hidden else logits
+
+    def setup_cache(self, batch, max_len=None):
+        """Pre-allocates the KV cache (like gpt-fast) in the model's dtype and device."""
+        max_len = max_len or self.args.max_seq_len
+        w = self.tok_embeddings.weight
+        for layer in self.layers:
+            if layer.attention is not None:
+                shape = (batch, max_len, layer.attention.n_kv, self.args.head_dim)
+                layer.attention.cache_k = torch.zeros(shape, dtype=w.dtype, device=w.device)
+                layer.attention.cache_v = torch.zeros(shape, dtype=w.dtype, device=w.device)
+
+
+@torch.no_grad()
+def generate(model, prompt, max_new_tokens, adapter=None, temperature=0.0, eos_id=None):
+    """prompt: list of token ids -> list of new ids. Prefill once, then decode one token at a time."""
+    device = model.tok_embeddings.weight.device
+    model.setup_cache(1, len(prompt) + max_new_tokens)
+    logits = model(torch.tensor([prompt], device=device), adapter, start_pos=0)
+    out = []
+    for i in range(max_new_tokens):
+        last = logits[0, -1].float()
+        nxt = int(last.argmax()) if temperature == 0 else int(torch.multinomial((last / temperature).softmax(-1), 1))
+        out.append(nxt)
+        if nxt == eos_id or i == max_new_tokens - 1:
+            break
+        logits = model(torch.tensor([[nxt]], device=device), adapter, start_pos=len(prompt) + i)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading real checkpoints: Hugging Face folders, Meta's original release, GGUF. Our parameter names
+# are Meta's; the other two layouts are renamed to them.
+
+HF_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output",
+            "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+            "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+            "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+            "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+            "post_attention_layernorm": "ffn_norm", "model.layers": "layers"}
+GGUF_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output", "blk": "layers",
+              "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+              "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
+              "ffn_up": "feed_forward.w3", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+
+
+def rename(name, table):
+    for old, new in table.items():  # longest keys first would matter only for prefixes; none overlap
+        if name.startswith(old + ".") or ("." + old + ".") in name:
+            name = name.replace(old, new, 1)
+    return name
+
+
+def interleaved_to_half(w, n_heads):
+    """Meta and GGUF store q/k rows for interleaved RoPE (pairs 2i, 2i+1); we use rotate-half (i, i+d/2)."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def args_from_hf(cfg):
+    n_heads = cfg["num_attention_heads"]
+    return ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+                     n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+                     head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+                     ffn_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+                     norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0),
+                     tie_embeddings=cfg.get("tie_word_embeddings", False),
+                     max_seq_len=min(cfg.get("max_position_embeddings", 2048), 8192),
+                     kv_of_head=cfg.get("kv_of_head"), ffn_dims=cfg.get("ffn_dims"))
+
+
+def hf_config(args):
+    """The config.json an exported model is saved with: Hugging Face's keys plus our per-layer sizes."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+            "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+            "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+            "intermediate_size": args.ffn_dim, "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
+            "rope_theta": args.rope_theta, "tie_word_embeddings": args.tie_embeddings,
+            "max_position_embeddings": args.max_seq_len, "kv_of_head": args.kv_of_head,
+            "ffn_dims": args.ffn_dims}
+
+
+def read_hf(path):
+    from safetensors import safe_open
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("rope_scaling"):
+        raise LoadError(f"{path}: rope_scaling {cfg['rope_scaling']} is not supported")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise LoadError(f"{path}: config.json but no model.safetensors or model.safetensors.index.json")
+    args, state = args_from_hf(cfg), {}
+    for file in files:  # one tensor at a time, so peak memory stays about one copy of the weights
+        try:
+            with safe_open(os.path.join(path, file), "pt") as f:
+                for key in f.keys():
+                    state[rename(key, HF_NAMES)] = f.get_tensor(key)
+        except Exception as e:  # truncated or corrupt file
+            raise LoadError(f"{os.path.join(path, file)}: cannot read safetensors ({e})") from None
+    return args, state
+
+
+def read_meta(path):
+    with open(os.path.join(path, "params.json")) as f:
+        p = json.load(f)
+    files = sorted(f for f in os.listdir(path) if f.startswith("consolidated.") and f.endswith(".pth"))
+    if not files:
+        raise LoadError(f"{path}: params.json but no consolidated.*.pth")
+    try:
+        shards = [torch.load(os.path.join(path, f), map_location="cpu", mmap=True, weights_only=True) for f in files]
+    except Exception as e:
+        raise LoadError(f"{path}: cannot read {files} ({e})") from None
+    state = {}
+    for key in shards[0]:  # model-parallel shards: columns split for wo, w2, embeddings; rows otherwise
+        parts = [s[key] for s in shards]
+        if parts[0].dim() == 1 or len(parts) == 1:
+            state[key] = parts[0]
+        else:
+            state[key] = torch.cat(parts, dim=1 if key.split(".")[-2] in ("wo", "w2", "tok_embeddings") else 0)
+    state.pop("rope.freqs", None)
+    n_heads = p["n_heads"]
+    args = ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=n_heads, n_kv_heads=p.get("n_kv_heads") or n_heads,
+                     head_dim=p["dim"] // n_heads, ffn_dim=state["layers.0.feed_forward.w1.weight"].shape[0],
+                     vocab_size=state["tok_embeddings.weight"].shape[0], norm_eps=p.get("norm_eps", 1e-5),
+                     rope_theta=p.get("rope_theta", 10000.0), tie_embeddings="output.weight" not in state)
+    return args, state
+
+
+def read_gguf_model(path):
+    meta, tensors = read_gguf(path)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported (llama)")
+    g = lambda k, d=None: meta.get(f"llama.{k}", d)
+    n_heads = g("attention.head_count")
+    state = {rename(k, GGUF_NAMES): torch.from_numpy(v) for k, v in tensors.items()}
+    args = ModelArgs(dim=g("embedding_length"), n_layers=g("block_count"), n_heads=n_heads,
+                     n_kv_heads=g("attention.head_count_kv", n_heads),
+                     head_dim=g("rope.dimension_count", g("embedding_length") // n_heads),
+                     ffn_dim=g("feed_forward_length"), vocab_size=state["tok_embeddings.weight"].shape[0],
+                     norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=g("rope.freq_base", 10000.0),
+                     tie_embeddings="output.weight" not in state, max_seq_len=min(g("context_length", 2048), 8192))
+    return args, state, meta
+
+
+def load(path, dtype=torch.float32, device="cpu", max_seq_len=None):
+    """Loads a checkpoint (HF folder, Meta folder or .gguf file) -> (Transformer, Tokenizer)."""
+    import data
+    if not os.path.exists(path):
+        raise LoadError(f"{path}: no such file or folder")
+    tok_source = path
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise LoadError(f"{path}: unknown format (expected a .gguf file or a checkpoint folder)")
+        args, state, tok_source = read_gguf_model(path)
+        interleaved = True
+    elif os.path.exists(os.path.join(path, "config.json")):
+        args, state = read_hf(path)
+        interleaved = False
+    elif os.path.exists(os.path.join(path, "params.json")):
+        args, state = read_meta(path)
+        interleaved = True
+    else:
+        raise LoadError(f"{path}: no config.json, params.json or .gguf: not a checkpoint")
+    if max_seq_len:
+        args.max_seq_len = max_seq_len
+    for i in range(args.n_layers):  # RoPE layout: interleaved pairs -> rotate-half
+        n_q = len(args.kv_of_head[i])
+        for w, heads in (("wq", n_q), ("wk", max(args.kv_of_head[i]) + 1 if n_q else 0)):
+            key = f"layers.{i}.attention.{w}.weight"
+            if interleaved and key in state:
+                state[key] = interleaved_to_half(state[key], heads)
+    try:
+        tokenizer = data.load_tokenizer(tok_source)
+    except (ValueError, OSError) as e:
+        raise LoadError(f"{path}: tokenizer: {e}") from None
+    if tokenizer.vocab_size > args.vocab_size:
+        raise LoadError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
+                        f"{args.vocab_size}: tokenizer and weights do not belong together")
+    with torch.device("meta"):  # no memory for weights until the checkpoint's tensors are assigned
+        model = Transformer(args)
+    for key in state:  # one tensor at a time: peak memory stays about one copy of the weights
+        state[key] = state[key].to(dtype)
+    try:
+        model.load_state_dict(state, assign=True, strict=True)
+    except RuntimeError as e:
+        raise LoadError(f"{path}: weights do not fit the config: {str(e).splitlines()[1:2]}") from None
+    model.rope_cos, model.rope_sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+    for i, layer in enumerate(model.layers):  # buffers made on the meta device hold no data
+        if layer.attention is not None:
+            layer.attention.kv_index = torch.tensor(args.kv_of_head[i], dtype=torch.long)
+    return model.to(device).eval().requires_grad_(False), tokenizer
