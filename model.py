@@ -171,7 +171,7 @@ class RMSNorm(nn.Module):
 def rope_tables(head_dim, max_len, theta):
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # [max_len, head_dim/2]
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
@@ -264,9 +264,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
-        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)  # fp64 -> fp32 buffers
+        self.register_buffer("rope_cos", cos.float(), persistent=False)
+        self.register_buffer("rope_sin", sin.float(), persistent=False)
 
     def forward(self, tokens, adapter=None, start_pos=None, return_hidden=False):
         """tokens [B, T] -> logits [B, T, vocab] (and the hidden state after each layer if asked).
@@ -322,6 +322,66 @@ def generate(model, prompt, max_new_tokens, adapter=None, temperature=0.0, eos_i
             break
         logits = model(torch.tensor([[nxt]], device=device), adapter, start_pos=len(prompt) + i)
     return out
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export: masks alone save nothing; slicing out what the masks zero gives a smaller dense model.
+
+@torch.no_grad()
+def slice_model(model, adapter):
+    """-> a new, smaller Transformer that computes exactly what `model(tokens, adapter)` computes.
+
+    LoRA is merged into the weights, units whose mask is 0 are removed and the soft mask values of the
+    kept ones (about 0.996) are folded into the weights. Hidden dims: an RMSNorm over k kept dims
+    equals the masked one over all d dims with weight * sqrt(d/k) and eps * d/k.
+    """
+    a = model.args
+    dtype = torch.promote_types(model.tok_embeddings.weight.dtype, torch.float32)  # slice in fp32 (or fp64)
+    sd = {k: v.detach().clone().to(dtype) for k, v in model.state_dict().items()}
+    for key in adapter:  # Eq. 4 merged: W + scale * B A
+        if key.endswith(".lora_A"):
+            name = key[:-len(".lora_A")]
+            sd[name + ".weight"] += adapter["lora_scale"] * (adapter[name + ".lora_B"].to(sd[name + ".weight"]) @ adapter[key].to(sd[name + ".weight"]))
+    dev = sd["tok_embeddings.weight"].device
+    mask = lambda key, i, n: adapter[key][i].to(dev, dtype) if key in adapter else torch.ones(n, device=dev, dtype=dtype)
+    z_hid = mask("z_hid", slice(None), a.dim)
+    hid = z_hid.nonzero()[:, 0]  # kept hidden dims
+    k, d, hd = len(hid), a.dim, a.head_dim
+    norm = lambda w: w[hid] * math.sqrt(d / k)
+    new, kv_of_head, ffn_dims = {}, [], []
+    for i in range(a.n_layers):
+        p = f"layers.{i}."
+        z_head, z_int = mask("z_head", i, len(a.kv_of_head[i])), mask("z_int", i, a.ffn_dims[i])
+        heads = z_head.nonzero()[:, 0].tolist()
+        groups = sorted({a.kv_of_head[i][h] for h in heads})  # a kv head survives while one of its query heads does
+        kv_of_head.append([groups.index(a.kv_of_head[i][h]) for h in heads])
+        rows = lambda idx: torch.tensor([j * hd + t for j in idx for t in range(hd)], dtype=torch.long, device=dev)
+        q_rows, kv_rows = rows(heads), rows(groups)
+        if heads:
+            new[p + "attention.wq.weight"] = sd[p + "attention.wq.weight"][q_rows][:, hid]
+            new[p + "attention.wk.weight"] = sd[p + "attention.wk.weight"][kv_rows][:, hid]
+            new[p + "attention.wv.weight"] = sd[p + "attention.wv.weight"][kv_rows][:, hid]
+            wo = sd[p + "attention.wo.weight"] * z_head.repeat_interleave(hd)[None, :] * z_hid[:, None]
+            new[p + "attention.wo.weight"] = wo[hid][:, q_rows]
+        units = z_int.nonzero()[:, 0]
+        ffn_dims.append(len(units))
+        if len(units):
+            new[p + "feed_forward.w1.weight"] = sd[p + "feed_forward.w1.weight"][units][:, hid]
+            new[p + "feed_forward.w3.weight"] = sd[p + "feed_forward.w3.weight"][units][:, hid]
+            w2 = sd[p + "feed_forward.w2.weight"] * z_int[None, :] * z_hid[:, None]
+            new[p + "feed_forward.w2.weight"] = w2[hid][:, units]
+        new[p + "attention_norm.weight"] = norm(sd[p + "attention_norm.weight"])
+        new[p + "ffn_norm.weight"] = norm(sd[p + "ffn_norm.weight"])
+    new["tok_embeddings.weight"] = (sd["tok_embeddings.weight"] * z_hid)[:, hid]
+    new["norm.weight"] = norm(sd["norm.weight"])
+    if a.tie_embeddings:  # the shared matrix now carries z_hid, which the lm_head must not see: undo it in the norm
+        new["norm.weight"] = new["norm.weight"] / z_hid[hid]
+    else:
+        new["output.weight"] = sd["output.weight"][:, hid]
+    small = ModelArgs(**{**asdict(a), "dim": k, "norm_eps": a.norm_eps * d / k,
+                         "kv_of_head": kv_of_head, "ffn_dims": ffn_dims})
+    return build(small, {key: v.to(model.tok_embeddings.weight.dtype).contiguous() for key, v in new.items()})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -479,16 +539,23 @@ def load(path, dtype=torch.float32, device="cpu", max_seq_len=None):
     if tokenizer.vocab_size > args.vocab_size:
         raise LoadError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
                         f"{args.vocab_size}: tokenizer and weights do not belong together")
-    with torch.device("meta"):  # no memory for weights until the checkpoint's tensors are assigned
-        model = Transformer(args)
     for key in state:  # one tensor at a time: peak memory stays about one copy of the weights
         state[key] = state[key].to(dtype)
+    return build(args, state).to(device), tokenizer
+
+
+def build(args, state):
+    """A Transformer around existing tensors (no copy, no random init), frozen, in eval mode."""
+    with torch.device("meta"):  # no memory for weights until the given tensors are assigned
+        model = Transformer(args)
     try:
         model.load_state_dict(state, assign=True, strict=True)
     except RuntimeError as e:
-        raise LoadError(f"{path}: weights do not fit the config: {str(e).splitlines()[1:2]}") from None
-    model.rope_cos, model.rope_sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        raise LoadError(f"weights do not fit the config: {str(e).splitlines()[1:2]}") from None
+    w = state["tok_embeddings.weight"]
+    device, dtype = w.device, torch.promote_types(w.dtype, torch.float32)
+    model.rope_cos, model.rope_sin = (t.to(device, dtype) for t in rope_tables(args.head_dim, args.max_seq_len, args.rope_theta))
     for i, layer in enumerate(model.layers):  # buffers made on the meta device hold no data
         if layer.attention is not None:
-            layer.attention.kv_index = torch.tensor(args.kv_of_head[i], dtype=torch.long)
-    return model.to(device).eval().requires_grad_(False), tokenizer
+            layer.attention.kv_index = torch.tensor(args.kv_of_head[i], dtype=torch.long, device=device)
+    return model.eval().requires_grad_(False)
