@@ -164,8 +164,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # The mean runs over all dims, masked ones included: the masked model still divides by the full d.
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least fp32 for the mean of squares
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def rope_tables(head_dim, max_len, theta):
