@@ -519,6 +519,8 @@ def load(path, dtype=torch.float32, device="cpu", max_seq_len=None):
     elif os.path.exists(os.path.join(path, "config.json")):
         args, state = read_hf(path)
         interleaved = False
+        if os.path.exists(os.path.join(path, "tokenizer.gguf")):  # an export of a GGUF model
+            tok_source = read_gguf(os.path.join(path, "tokenizer.gguf"), tensors=False)[0]
     elif os.path.exists(os.path.join(path, "params.json")):
         args, state = read_meta(path)
         interleaved = True
@@ -536,6 +538,7 @@ def load(path, dtype=torch.float32, device="cpu", max_seq_len=None):
         tokenizer = data.load_tokenizer(tok_source)
     except (ValueError, OSError) as e:
         raise LoadError(f"{path}: tokenizer: {e}") from None
+    tokenizer.source = tok_source  # save() writes it next to an exported model
     if tokenizer.vocab_size > args.vocab_size:
         raise LoadError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
                         f"{args.vocab_size}: tokenizer and weights do not belong together")
@@ -559,3 +562,50 @@ def build(args, state):
         if layer.attention is not None:
             layer.attention.kv_index = torch.tensor(args.kv_of_head[i], dtype=torch.long, device=device)
     return model.eval().requires_grad_(False)
+
+
+def save(model, tokenizer, folder):
+    """Writes model.safetensors + config.json (Hugging Face names, rotate-half RoPE) + the tokenizer."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    to_hf = {v: k for k, v in HF_NAMES.items()}
+    state = {}
+    for key, value in model.state_dict().items():
+        for ours, theirs in to_hf.items():
+            key = key.replace(ours, theirs, 1) if key.startswith(ours + ".") or f".{ours}." in key else key
+        state[key] = value.contiguous()
+    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_config(model.args), f, indent=1)
+    src = getattr(tokenizer, "source", None)
+    if isinstance(src, dict):  # the tokenizer lived in a GGUF's metadata: keep just that metadata
+        write_gguf_metadata(os.path.join(folder, "tokenizer.gguf"), {k: v for k, v in src.items() if k.startswith("tokenizer.")})
+    elif src is not None:
+        import shutil
+        src_dir = src if os.path.isdir(src) else os.path.dirname(src)
+        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+            if os.path.exists(os.path.join(src_dir, name)) and os.path.abspath(src_dir) != os.path.abspath(folder):
+                shutil.copy(os.path.join(src_dir, name), folder)
+
+
+def write_gguf_metadata(path, meta):
+    """A GGUF file with metadata and no tensors (how llama.cpp ships bare vocabularies)."""
+    def value(v):
+        if isinstance(v, str):
+            b = v.encode()
+            return struct.pack("<IQ", GGUF_STRING, len(b)) + b
+        if isinstance(v, bool):
+            return struct.pack("<I?", 7, v)
+        if isinstance(v, int):
+            return struct.pack("<Iq", 11, v)
+        if isinstance(v, float):
+            return struct.pack("<Id", 12, v)
+        items = [value(x) for x in v]  # a list: element type from the first element's tag, then bare values
+        etype = struct.unpack_from("<I", items[0])[0] if items else 11
+        return struct.pack("<IIQ", GGUF_ARRAY, etype, len(v)) + b"".join(x[4:] for x in items)
+    out = [b"GGUF", struct.pack("<IQQ", 3, 0, len(meta))]
+    for k, v in meta.items():
+        kb = k.encode()
+        out += [struct.pack("<Q", len(kb)), kb, value(v)]
+    with open(path, "wb") as f:
+        f.write(b"".join(out))
