@@ -176,6 +176,8 @@ def training_data(args, tok):
             pad = args.seq_len - len(ids)
             rows.append(ids + [tok.eos_id] * pad)
             masks.append(m + [0] * pad)
+        if not any(map(any, masks)):
+            raise ValueError(f"{args.finetune}: no response fits in --seq-len {args.seq_len} after its prompt")
         return torch.tensor(rows), torch.tensor(masks, dtype=torch.float32)
     docs = data.read_texts(args.data) if args.data else data.default_texts()[0]
     blocks = data.pack(docs, tok, args.seq_len)
