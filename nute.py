@@ -199,6 +199,23 @@ def next_token_loss(logits, tokens, loss_mask):
     return (nll * m).sum() / m.sum().clamp(min=1)
 
 
+def micro_step(model, x, loss_mask, student, teacher, distill, args):
+    """Forward and backward of one micro-batch -> its loss terms. teacher: an adapter, or None for the
+    intact model; distill=False trains on the next-token loss instead (no-KD ablation, fine-tuning)."""
+    logits, hidden = model(x, student, return_hidden=True)
+    if not distill:
+        loss = next_token_loss(logits, x, loss_mask)
+        terms = {"ce": loss.item()}
+    else:
+        with torch.no_grad():  # same base weights, teacher masks + LoRA: no second model
+            logits_t, hidden_t = model(x, teacher, return_hidden=True)
+        kl, layer = distill_loss(logits, logits_t, hidden, hidden_t, student["z_hid"], args.temperature)
+        loss = args.kl_weight * kl + args.layer_weight * layer  # Eq. 7 without the L0 term
+        terms = {"kl": kl.item(), "layer": layer.item()}
+    (loss / args.grad_accum).backward()
+    return terms
+
+
 def save_atomic(obj, path):
     tmp = str(path) + ".tmp"
     torch.save(obj, tmp)
@@ -278,22 +295,13 @@ def train(args):
             key = queue.teacher_key(step, s_hat.item(), warmup, args.steps, args.target)
             if key is not None:
                 teacher = {k: v.to(device) for k, v in queue.snapshots[key].items()}
+        distill = args.distill != "none" and not args.finetune
         terms = {"kl": 0.0, "layer": 0.0, "ce": 0.0}
         for micro in range(args.grad_accum):
             rows = batch_rows(step * args.grad_accum + micro, args.batch_size, len(tokens), args.seed)
             x, m = tokens[rows].to(device), loss_mask[rows].to(device)
-            logits, hidden = model(x, student, return_hidden=True)
-            if args.distill == "none" or args.finetune:
-                ce = next_token_loss(logits, x, m)
-                loss, terms["ce"] = ce, terms["ce"] + ce.item() / args.grad_accum
-            else:
-                with torch.no_grad():  # same base weights, teacher masks + LoRA (None: the intact model)
-                    logits_t, hidden_t = model(x, teacher, return_hidden=True)
-                kl, layer = distill_loss(logits, logits_t, hidden, hidden_t, z["z_hid"], args.temperature)
-                loss = args.kl_weight * kl + args.layer_weight * layer  # Eq. 7 without the L0 term
-                terms["kl"] += kl.item() / args.grad_accum
-                terms["layer"] += layer.item() / args.grad_accum
-            (loss / args.grad_accum).backward()
+            for k, v in micro_step(model, x, m, student, teacher, distill, args).items():
+                terms[k] += v / args.grad_accum
         lag = lagrangian(s_hat, target, lambdas) if learn_masks else torch.tensor(0.0)
         if learn_masks:
             lag.backward()  # Eq. 7's L0 term: descends on log_alpha, ascends on the lambdas
@@ -314,7 +322,7 @@ def train(args):
                "lr_lora": lr_lora, "lr_mask": args.lr_mask, "tokens_per_s": x.numel() * args.grad_accum / (time.time() - t0),
                "memory_mb": (torch.cuda.max_memory_allocated() if device.type == "cuda" else 0) / 2**20}
         log.write(json.dumps(row) + "\n")
-        bar.set_postfix(sparsity=f"{s_now:.3f}", target=f"{target:.3f}", loss=f"{loss.item():.3g}")
+        bar.set_postfix(sparsity=f"{s_now:.3f}", target=f"{target:.3f}", **{k: f"{v:.3g}" for k, v in terms.items() if v})
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             log.flush()
             save_atomic({"log_alpha": log_alpha, "lora": lora, "lambdas": lambdas, "step": step + 1,
