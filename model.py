@@ -77,8 +77,8 @@ def read_gguf(path, tensors=True):
             name = string()
             shape = [take("<Q") for _ in range(take("<I"))]
             infos.append((name, shape, take("<I"), take("<Q")))
-    except struct.error:
-        raise LoadError(f"{path}: GGUF header is truncated") from None
+    except (struct.error, ValueError, KeyError):  # a cut inside an array, or an unknown value type
+        raise LoadError(f"{path}: GGUF header is truncated or corrupt") from None
     if not tensors:
         return meta, {}
     align = meta.get("general.alignment", 32)
@@ -192,6 +192,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv * args.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * args.head_dim, args.dim, bias=False)
         self.register_buffer("kv_index", torch.tensor(kv_of_head, dtype=torch.long), persistent=False)
+        self.repeat_kv = kv_of_head != list(range(self.n_heads))  # GQA, or heads sharing kv after pruning
         self.cache_k = self.cache_v = None
 
     def forward(self, x, cos, sin, adapter, name, z_head, start_pos):
@@ -209,7 +210,7 @@ class Attention(nn.Module):
                 causal = False
                 if T > 1:
                     mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
-        if self.n_kv != self.n_heads:  # grouped-query attention: each query head reads its kv head
+        if self.repeat_kv:  # grouped-query attention: each query head reads its kv head
             k, v = k.index_select(2, self.kv_index), v.index_select(2, self.kv_index)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask, is_causal=causal and T > 1)
@@ -264,9 +265,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
-        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)  # fp64 -> fp32 buffers
-        self.register_buffer("rope_cos", cos.float(), persistent=False)
-        self.register_buffer("rope_sin", sin.float(), persistent=False)
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)  # fp64; cast where used
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, tokens, adapter=None, start_pos=None, return_hidden=False):
         """tokens [B, T] -> logits [B, T, vocab] (and the hidden state after each layer if asked).
@@ -455,9 +456,12 @@ def read_hf(path):
         try:
             with safe_open(os.path.join(path, file), "pt") as f:
                 for key in f.keys():
-                    state[rename(key, HF_NAMES)] = f.get_tensor(key)
+                    if not key.endswith("rotary_emb.inv_freq"):  # older HF files store RoPE tables
+                        state[rename(key, HF_NAMES)] = f.get_tensor(key)
         except Exception as e:  # truncated or corrupt file
             raise LoadError(f"{os.path.join(path, file)}: cannot read safetensors ({e})") from None
+    if args.tie_embeddings:
+        state.pop("output.weight", None)  # some tied checkpoints store the shared matrix twice
     return args, state
 
 
@@ -504,11 +508,8 @@ def read_gguf_model(path):
     return args, state, meta
 
 
-def load(path, dtype=torch.float32, device="cpu", max_seq_len=None):
-    """Loads a checkpoint (HF folder, Meta folder or .gguf file) -> (Transformer, Tokenizer)."""
-    import data
-    if not os.path.exists(path):
-        raise LoadError(f"{path}: no such file or folder")
+def read_checkpoint(path):
+    """-> (args, state, tokenizer source, whether q/k rows are in the interleaved RoPE layout)."""
     tok_source = path
     if os.path.isfile(path):
         with open(path, "rb") as f:
@@ -526,6 +527,18 @@ def load(path, dtype=torch.float32, device="cpu", max_seq_len=None):
         interleaved = True
     else:
         raise LoadError(f"{path}: no config.json, params.json or .gguf: not a checkpoint")
+    return args, state, tok_source, interleaved
+
+
+def load(path, dtype=torch.float32, device="cpu", max_seq_len=None):
+    """Loads a checkpoint (HF folder, Meta folder or .gguf file) -> (Transformer, Tokenizer)."""
+    import data
+    if not os.path.exists(path):
+        raise LoadError(f"{path}: no such file or folder")
+    try:
+        args, state, tok_source, interleaved = read_checkpoint(path)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise LoadError(f"{path}: malformed checkpoint config ({type(e).__name__}: {e})") from None
     if max_seq_len:
         args.max_seq_len = max_seq_len
     for i in range(args.n_layers):  # RoPE layout: interleaved pairs -> rotate-half

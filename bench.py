@@ -1,0 +1,174 @@
+"""Benchmarks that print tables (never timed tests). Each row is measured side by side in one run.
+
+    python bench.py model     # forward tokens/s fp32 vs bf16; decode tokens/s with vs without the KV cache
+    python bench.py train     # paper Table 9: per-step time and peak memory of no-KD, KD, PKD, PKD + layer loss
+    python bench.py export    # decode speed of models pruned to 20% / 50% against the weight-bytes limit
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import data
+import evaluate
+import model
+import nute
+
+
+def timed(fn, repeat):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_model(args):
+    print("| dtype | forward tokens/s (4 x 128) | decode tokens/s, KV cache | decode tokens/s, no cache | speed-up |")
+    print("|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        m, _ = model.load(args.ckpt, dtype=dtype)
+        x = torch.randint(0, m.args.vocab_size, (4, 128))
+        with torch.no_grad():
+            fwd = x.numel() / timed(lambda: m(x), 3)
+        prompt, n = list(range(100, 164)), 64  # 64-token prompt, 64 new tokens
+        cached = n / timed(lambda: model.generate(m, prompt, n), 2)
+
+        @torch.no_grad()
+        def no_cache():  # recompute the whole sequence for every new token
+            ids = list(prompt)
+            for _ in range(n):
+                ids.append(int(m(torch.tensor([ids]))[0, -1].argmax()))
+        plain = n / timed(no_cache, 1)
+        print(f"| {str(dtype).split('.')[1]} | {fwd:,.0f} | {cached:.1f} | {plain:.1f} | {cached / plain:.1f}x |")
+
+
+TABLE9 = {"no KD": ["--distill", "none"], "KD": ["--distill", "kd", "--layer-weight", "0"],
+          "PKD": ["--distill", "pkd", "--layer-weight", "0"], "PKD + layer loss": ["--distill", "pkd"]}
+
+
+def one_config(args):
+    """Runs in a child process, so its peak memory is its own: a few training steps of one configuration.
+    PKD is measured with a full teacher queue (0.01 .. target - 0.01) so its teacher is a real snapshot."""
+    m, tok = model.load(args.ckpt, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    a = nute.get_args(["--ckpt", args.ckpt, "--dtype", args.dtype, *TABLE9[args.one]])
+    g = torch.Generator().manual_seed(0)
+    log_alpha = {k: v.requires_grad_(True) for k, v in nute.init_log_alpha(m.args, g).items()}
+    lora = {k: v.requires_grad_(True) for k, v in nute.init_lora(m, a.lora_targets.split(","), a.lora_rank, g).items()}
+    lambdas = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.AdamW([*log_alpha.values(), *lora.values()], lr=1e-3)
+    queue = nute.TeacherQueue()
+    for k in range(1, round(a.target / a.interval)):
+        queue.maybe_snapshot(k * a.interval, a.target, log_alpha, lora, 1.0)
+    teacher_key = max(queue.snapshots) if a.distill == "pkd" else None
+    x = torch.randint(0, m.args.vocab_size, (a.batch_size, a.seq_len), generator=g)
+    mask = torch.ones(x.shape)
+
+    def step():
+        z = {k: nute.sample_z(v, g) for k, v in log_alpha.items()}
+        student = {**z, **lora, "lora_scale": 1.0}
+        teacher = None if teacher_key is None else queue.snapshots[teacher_key]
+        nute.micro_step(m, x, mask, student, teacher, a.distill != "none", a)
+        nute.lagrangian(nute.expected_sparsity(log_alpha, m.args), 0.1, lambdas).backward()
+        opt.step()
+        opt.zero_grad()
+
+    sec = timed(step, args.steps)
+    print(json.dumps({"sec": sec, "queue_mb": queue.nbytes() / 2**20, "snapshots": len(queue.snapshots)}))
+
+
+def bench_train(args):
+    rows = {}
+    for name in TABLE9:  # one child process per configuration: peak RSS is per configuration
+        p = subprocess.Popen([sys.executable, __file__, "train", "--one", name, "--ckpt", args.ckpt,
+                              "--dtype", args.dtype, "--steps", str(args.steps)], stdout=subprocess.PIPE, text=True)
+        out = p.stdout.read()
+        _, status, usage = os.wait4(p.pid, 0)
+        if status != 0:
+            sys.exit(f"{name}: child failed")
+        rows[name] = {**json.loads(out.strip().splitlines()[-1]), "peak_gb": usage.ru_maxrss / 2**20}
+    kd = rows["KD"]
+    print(f"SmolLM2-135M, batch 4 x 128, {args.dtype}, median of {args.steps} steps, peak RSS of the whole process")
+    print("| method | time / step (s) | vs KD | peak memory (GB) | vs KD |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['sec']:.2f} | {r['sec'] / kd['sec']:.3f} | {r['peak_gb']:.2f} | {r['peak_gb'] / kd['peak_gb']:.3f} |")
+    r = rows["PKD"]
+    print(f"\nTeacher queue on the CPU: {r['snapshots']} snapshots, {r['queue_mb']:.1f} MB")
+    l7 = model.ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, ffn_dim=11008)
+    per = 4 * (l7.n_layers * (l7.n_heads + l7.ffn_dim) + l7.dim + l7.n_layers * 2 * 8 * (2 * l7.dim))  # fp32 masks + q,v LoRA r=8
+    print(f"LLaMA-7B, same queue layout: {per / 2**20:.2f} MB a snapshot; 49 snapshots (target 0.5) "
+          f"{49 * per / 2**20:.0f} MB (paper Table 13: ~728 MB)")
+
+
+def structured_masks(args, target):
+    """Binary masks at a given sparsity, for timing only: the first heads and FFN units of every layer."""
+    keep_heads = max(1, round(args.n_heads * (1 - target)))
+    z_head = torch.zeros(args.n_layers, args.n_heads)
+    z_head[:, :keep_heads] = 1
+    z_hid = torch.ones(args.dim)
+    attn = nute.expected_size(z_head, torch.zeros(args.n_layers, args.ffn_dim), z_hid, args)
+    ffn = round(((1 - target) * nute.prunable_size(args) - attn.item()) / (3 * args.dim * args.n_layers))
+    z_int = torch.zeros(args.n_layers, args.ffn_dim)
+    z_int[:, :max(0, min(args.ffn_dim, ffn))] = 1
+    return {"z_head": z_head, "z_int": z_int, "z_hid": z_hid}
+
+
+def weight_bytes_per_token(m):
+    """Bytes a decode step reads: every matrix but the embedding table, of which one row is read
+    (with tied embeddings the lm_head still reads the whole table)."""
+    n = sum(p.numel() for p in m.parameters()) - m.tok_embeddings.weight.numel()
+    if m.output is None:
+        n += m.tok_embeddings.weight.numel()
+    return n * m.tok_embeddings.weight.element_size()
+
+
+def bench_export(args):
+    big = torch.empty(2**28 // 4 * 4, dtype=torch.uint8)  # 1 GiB copy: the memory bandwidth ceiling
+    dst = torch.empty_like(big)
+    copy_gbs = 2 * big.numel() / timed(lambda: dst.copy_(big), 3) / 1e9  # read + write
+    print(f"memory copy: {copy_gbs:.1f} GB/s (read + write) on {torch.get_num_threads()} threads\n")
+    print("| dtype | model | params | weight MB read / token | decode tokens/s | ms / token | GB/s | speed-up | limit (bytes ratio) | of limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        dense, _ = model.load(args.ckpt, dtype=dtype)
+        base = None
+        for target in (0.0, 0.2, 0.5):
+            m = dense if target == 0 else model.slice_model(dense, structured_masks(dense.args, target))
+            tps = evaluate.latency(m, prompt_len=64, gen_len=256, runs=3)["decode_tok_s"]  # the paper's setting
+            nbytes = weight_bytes_per_token(m)
+            base = base or (tps, nbytes)
+            speed, limit = tps / base[0], base[1] / nbytes
+            print(f"| {str(dtype).split('.')[1]} | {'dense' if target == 0 else f'{target:.0%} pruned'} | "
+                  f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M | {nbytes / 1e6:.0f} | {tps:.1f} | "
+                  f"{1000 / tps:.1f} | {nbytes * tps / 1e9:.1f} | {speed:.2f}x | {limit:.2f}x | {speed / limit:.0%} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["model", "train", "export"])
+    p.add_argument("--ckpt", default=str(data.default_model_path()))
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    if args.one:
+        one_config(args)
+    elif args.what == "model":
+        bench_model(args)
+    elif args.what == "train":
+        bench_train(args)
+    else:
+        bench_export(args)
+
+
+if __name__ == "__main__":
+    main()

