@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import heapq
 import html
+import importlib
 import json
 import os
 import subprocess
@@ -475,6 +476,7 @@ def import_pyarrow():
             pip("install", "-q", "--target", str(target) + ".part", "pyarrow")
             os.replace(str(target) + ".part", target)
     sys.path.insert(0, str(target))
+    importlib.invalidate_caches()  # the folder may be new since the import system last looked
     import pyarrow.ipc
     return pyarrow.ipc
 

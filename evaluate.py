@@ -1,0 +1,427 @@
+"""Evaluate a (pruned) LLaMA the way the paper does: WikiText-2 perplexity, 7 zero-shot tasks, latency.
+
+    python evaluate.py                                        # SmolLM2: held-out perplexity + a greedy sample
+    python evaluate.py --ckpt M --ppl wiki.test.raw --tasks all                # one row of the paper's table
+    python evaluate.py --ckpt M --run runs/x --tasks all --limit 200   # base + the masks/LoRA of a nute.py run
+    python evaluate.py --ckpt M --compare pruned/ --latency                # generation speed side by side
+
+Zero-shot scores follow EleutherAI's lm-evaluation-harness and perplexity follows LLM-Pruner's script,
+so the numbers can sit next to the paper's tables (conventions in the README).
+"""
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+import data
+import nute
+from model import LoadError, generate, load
+
+TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+# the paper's table: column name and the metric LLM-Pruner's convention reports in it
+COLUMNS = {"boolq": ("BoolQ", "acc"), "piqa": ("PIQA", "acc"), "hellaswag": ("HellaSwag", "acc_norm"),
+           "winogrande": ("WinoGrande", "acc"), "arc_easy": ("ARC-e", "acc"),
+           "arc_challenge": ("ARC-c", "acc_norm"), "openbookqa": ("OBQA", "acc_norm")}
+TOKENS_PER_ROW = 128  # a forward holds at most batch_size * 128 tokens, so long inputs take fewer rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Perplexity (LLM-Pruner protocol)
+
+@torch.no_grad()
+def perplexity(model, ids, seq_len=128, adapter=None, batch_size=32):
+    """ids: the whole text tokenized once -> exp(mean NLL) over non-overlapping chunks of seq_len tokens."""
+    n = len(ids) // seq_len  # the remainder is dropped
+    if n == 0:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one chunk of --seq-len {seq_len}")
+    chunks = torch.tensor(ids[:n * seq_len]).view(n, seq_len)
+    rows = max(1, min(batch_size, batch_size * TOKENS_PER_ROW // seq_len))
+    nll, count = 0.0, 0
+    for i in tqdm(range(0, n, rows), desc=f"perplexity@{seq_len}", leave=False):
+        x = chunks[i:i + rows].to(model.tok_embeddings.weight.device)  # [B, L]
+        logits = model(x, adapter)  # [B, L, V]; position t predicts token t+1, so tokens 1..L-1 are scored
+        nll += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+        count += x[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def text_ids(tok, text):
+    # Like Hugging Face's tokenizer(text) in LLM-Pruner: a BOS at the very start iff the tokenizer adds one
+    # (LLaMA's SentencePiece does, SmolLM2's BPE does not).
+    return ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) + tok.encode(text)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Zero-shot multiple choice (lm-evaluation-harness)
+
+def preprocess(text):
+    """HellaSwag's cleanup of WikiHow / ActivityNet text, as in the harness."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def make_example(task, doc):
+    """One task document -> (contexts, continuations, choices, gold): a (context, continuation) per choice;
+    `choices` are the texts whose character lengths acc_norm divides by."""
+    if task == "winogrande":  # partial scoring: the option goes into the context, the rest is shared
+        i = doc["sentence"].index("_")
+        contexts = [doc["sentence"][:i] + doc["option1"], doc["sentence"][:i] + doc["option2"]]
+        rest = " " + doc["sentence"][i + 1:].strip()
+        # the harness reports only acc here; our acc_norm divides by these contexts' lengths, as its code would
+        return contexts, [rest, rest], contexts, {"1": 0, "2": 1}[doc["answer"]]
+    if task == "boolq":
+        context, choices = f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:", ["no", "yes"]
+        gold = int(doc["answer"])  # true -> "yes"
+    elif task == "piqa":
+        context, choices, gold = f"Question: {doc['goal']}\nAnswer:", [doc["sol1"], doc["sol2"]], int(doc["label"])
+    elif task == "hellaswag":  # str.capitalize() also lowercases the rest: the harness does it too
+        context = preprocess(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
+        choices, gold = [preprocess(e) for e in doc["endings"]], int(doc["label"])
+    elif task in ("arc_easy", "arc_challenge", "openbookqa"):
+        question = doc["question_stem"] if task == "openbookqa" else f"Question: {doc['question']}\nAnswer:"
+        # some ARC questions are keyed "1".."5" instead of "A".."E": the same positions
+        letter = lambda k: {"1": "A", "2": "B", "3": "C", "4": "D", "5": "E"}.get(k.strip(), k.strip())
+        labels = [letter(k) for k in doc["choices"]["label"]]
+        context, choices, gold = question, doc["choices"]["text"], labels.index(letter(doc["answerKey"]))
+    else:
+        raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
+    return [context] * len(choices), [" " + c for c in choices], choices, gold
+
+
+def encode_pair(tok, context, continuation):
+    """The harness's `_encode_pair`: trailing spaces of the context move to the continuation, the pair is
+    encoded as one string and split where the context's own encoding ends. No BOS, as in the harness."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole = tok.encode(context + continuation)
+    n_ctx = len(tok.encode(context))
+    return whole[:n_ctx], whole[n_ctx:]
+
+
+@torch.no_grad()
+def score_requests(model, requests, adapter=None, batch_size=32, desc="scoring"):
+    """requests: [(context ids, continuation ids)] -> summed log-prob of each continuation given its context.
+
+    Choices with the same context share its forward: the context is prefilled once into the KV cache, copied
+    to one cache row per choice, then all continuations run as one right-padded batch after it.
+    """
+    device = model.tok_embeddings.weight.device
+    groups = {}  # context ids -> indices of the requests that continue it
+    for i, (ctx, cont) in enumerate(requests):
+        groups.setdefault(tuple(ctx), []).append(i)
+    cont_len = lambda c: max(len(requests[i][1]) for i in groups[c])
+    # Longest first (like the harness): the first batch shows whether memory suffices; neighbours pad little.
+    order = sorted(groups, key=lambda c: (-len(c), -cont_len(c)))
+    # One prefill at start_pos 0 needs contexts of one length (padding inside the cache would be attended to),
+    # so a batch is a run of groups with equal context length, within the row and token budgets.
+    batches = []
+    for c in order:
+        b = batches[-1] if batches else []
+        n_rows = sum(len(groups[x]) for x in b + [c])
+        n_tokens = (len(b) + 1) * len(c) + n_rows * cont_len(b[0] if b else c)
+        if b and len(b[0]) == len(c) and n_rows <= batch_size and n_tokens <= batch_size * TOKENS_PER_ROW:
+            b.append(c)
+        else:
+            batches.append([c])
+    out = [0.0] * len(requests)
+    for batch in tqdm(batches, desc=desc, leave=False):
+        rows = [i for c in batch for i in groups[c]]  # one row per continuation
+        parent = torch.tensor([g for g, c in enumerate(batch) for _ in groups[c]], device=device)  # [N]
+        conts = [requests[i][1] for i in rows]
+        Lc, T = len(batch[0]), max(map(len, conts))
+        model.setup_cache(len(rows), Lc + T)
+        # [G, Lc, V] -> [N, 1, V]: the last context position predicts each continuation's first token
+        logits = model(torch.tensor(batch, device=device), adapter, start_pos=0)[:, -1:][parent]
+        for layer in model.layers:  # each choice continues its own copy of its context's keys and values
+            a = layer.attention
+            if a is not None:
+                a.cache_k[:len(rows)], a.cache_v[:len(rows)] = a.cache_k[parent], a.cache_v[parent]
+        target = torch.tensor([c + [0] * (T - len(c)) for c in conts], device=device)  # [N, T]
+        if T > 1:  # padding sits after each continuation's tokens, so causal attention keeps it out of them
+            logits = torch.cat([logits, model(target[:, :-1], adapter, start_pos=Lc)], dim=1)  # [N, T, V]
+        logp = logits.float().log_softmax(-1).gather(-1, target[..., None])[..., 0]  # [N, T]
+        real = torch.arange(T, device=device) < torch.tensor([len(c) for c in conts], device=device)[:, None]
+        for i, s in zip(rows, (logp * real).sum(-1).tolist()):
+            out[i] = s
+    return out
+
+
+def evaluate_task(model, tok, task, docs, adapter=None, batch_size=32):
+    """-> {"acc", "acc_norm", their standard errors, "n"} for one task's documents."""
+    examples = [make_example(task, d) for d in docs]
+    prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    max_len = model.args.max_seq_len
+    requests = []
+    for contexts, conts, _, _ in examples:
+        for context, cont in zip(contexts, conts):
+            ctx, cont = encode_pair(tok, context, cont)
+            # An empty context would leave nothing to predict the first token from: the harness then uses
+            # BOS (or EOS) as the context, so do we. Too long: cut the context from the left, like the harness.
+            requests.append(((ctx or [prefix])[-(max_len - len(cont) + 1):], cont))
+    ll = score_requests(model, requests, adapter, batch_size, desc=task)
+    acc, acc_norm, k = [], [], 0
+    for _, _, choices, gold in examples:
+        s, k = ll[k:k + len(choices)], k + len(choices)
+        argmax = lambda v: max(range(len(v)), key=v.__getitem__)  # first of ties, like np.argmax
+        acc.append(float(argmax(s) == gold))
+        acc_norm.append(float(argmax([x / len(c) for x, c in zip(s, choices)]) == gold))
+    stderr = lambda v: statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return {"acc": statistics.mean(acc), "acc_stderr": stderr(acc), "acc_norm": statistics.mean(acc_norm),
+            "acc_norm_stderr": stderr(acc_norm), "n": len(acc)}
+
+
+def parse_tasks(spec):
+    names = TASKS if spec == "all" else [t.strip() for t in spec.split(",") if t.strip()]
+    bad = [t for t in names if t not in TASKS]
+    if bad or not names:
+        raise ValueError(f"unknown task {', '.join(bad) or repr(spec)}; valid: {', '.join(TASKS)} or all")
+    return names
+
+
+def read_task(name, limit=None):
+    """A task's documents; with limit, the first `limit` of them (the same subset on every run)."""
+    path = data.task_path(name)
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: task file missing; run `python data.py fetch --tasks`")
+    return data.read_jsonl(path)[:limit]
+
+
+# ----------------------------------------------------------------------------------------------------
+# A nute.py run: base checkpoint + the masks and LoRA in run/adapter.safetensors
+
+def load_adapter(run, model):
+    """-> the adapter dict of a run folder, checked against the model's shapes."""
+    path = os.path.join(run, "adapter.safetensors")
+    if not os.path.exists(path):
+        raise LoadError(f"{path}: not found (is {run} a folder written by nute.py?)")
+    adapter = load_file(path)
+    a = model.args
+    want = {"z_head": (a.n_layers, a.n_heads), "z_int": (a.n_layers, a.ffn_dim), "z_hid": (a.dim,)}
+    params = dict(model.named_parameters())
+    for key, t in adapter.items():
+        if key.endswith((".lora_A", ".lora_B")):  # A [r, in], B [out, r] of the weight [out, in]
+            name = key[:-len(".lora_A")]
+            w, A = params.get(name + ".weight"), adapter.get(name + ".lora_A")
+            if w is None or A is None or name + ".lora_B" not in adapter:
+                raise LoadError(f"{path}: {key} has no weight of this model or no A/B partner")
+            want[key] = (A.shape[0], w.shape[1]) if key.endswith("A") else (w.shape[0], A.shape[0])
+        elif key not in want and key != "lora_scale":
+            raise LoadError(f"{path}: unexpected tensor {key}")
+        if key in want and tuple(t.shape) != want[key]:
+            raise LoadError(f"{path}: {key} has shape {list(t.shape)}, this model needs {list(want[key])}: "
+                            "the run was made from another base checkpoint (pass it with --ckpt)")
+    if any(k.endswith(".lora_A") for k in adapter) and "lora_scale" not in adapter:
+        raise LoadError(f"{path}: LoRA tensors but no lora_scale")
+    device = model.tok_embeddings.weight.device
+    adapter = {k: v.to(device) for k, v in adapter.items()}
+    if "lora_scale" in adapter:
+        adapter["lora_scale"] = float(adapter["lora_scale"])
+    return adapter
+
+
+# ----------------------------------------------------------------------------------------------------
+# Latency (gpt-fast style): KV-cached greedy generation, timed with the device synchronized
+
+def disk_size(path):
+    p = Path(path)
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def sync(device):
+    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def timed_generation(model, prompt, new_tokens, adapter=None):
+    """Greedy KV-cached generation, like model.generate -> (prefill seconds, seconds for the rest)."""
+    device = model.tok_embeddings.weight.device
+    model.setup_cache(1, len(prompt) + new_tokens)
+    sync(device)
+    t0 = time.perf_counter()
+    logits = model(torch.tensor([prompt], device=device), adapter, start_pos=0)  # prefill
+    nxt = logits[:, -1:].argmax(-1)  # [1, 1], stays on the device: no sync per token
+    sync(device)
+    t1 = time.perf_counter()
+    for i in range(new_tokens - 1):  # decode: one token per forward
+        nxt = model(nxt, adapter, start_pos=len(prompt) + i)[:, -1:].argmax(-1)
+    sync(device)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def latency(model, prompt_len=64, gen_len=256, adapter=None, runs=5, warmup=2, seed=0):
+    """Median prefill time and decode speed of generating from a prompt_len-token prompt to gen_len tokens."""
+    if not 0 < prompt_len < gen_len - 1 < model.args.max_seq_len:  # at least 2 new tokens: 1 is decoded
+        raise ValueError(f"need 0 < --prompt-len < --gen-len - 1, --gen-len <= {model.args.max_seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(model.args.vocab_size, (prompt_len,), generator=g).tolist()  # content does not matter
+    for _ in range(warmup):
+        timed_generation(model, prompt, gen_len - prompt_len, adapter)
+    times = [timed_generation(model, prompt, gen_len - prompt_len, adapter) for _ in range(runs)]
+    prefill = statistics.median(t[0] for t in times)
+    tok_s = (gen_len - prompt_len - 1) / statistics.median(t[1] for t in times)  # the prefill gave the 1st token
+    # every decoded token reads all the weights once (the KV cache, small here, is left out)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"prompt_len": prompt_len, "gen_len": gen_len, "prefill_ms": prefill * 1e3, "decode_tok_s": tok_s,
+            "ms_per_token": 1e3 / tok_s, "params": sum(p.numel() for p in model.parameters()),
+            "bandwidth_gb_s": weight_bytes * tok_s / 1e9, "runs": runs}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output
+
+def prunable_params(model):
+    """Parameters of the attention and FFN projections: what the paper's pruning ratio counts."""
+    return sum(p.numel() for n, p in model.layers.named_parameters() if "norm" not in n)
+
+
+def pruned_ratio(model, adapter=None, base_params=None):
+    """The table's Ratio: a run's sparsity from its binary masks (counted as nute.py counts it), else the fraction
+    of projection weights missing against a base model (an export is physically smaller), else 0% if intact."""
+    a = model.args
+    if adapter is not None:
+        ones = {"z_head": (a.n_layers, a.n_heads), "z_int": (a.n_layers, a.ffn_dim), "z_hid": (a.dim,)}
+        masks = [(adapter[k].cpu() > 0).float() if k in adapter else torch.ones(n) for k, n in ones.items()]
+        return f"{1 - nute.expected_size(*masks, a).item() / nute.prunable_size(a):.0%}"
+    if base_params:
+        return f"{1 - prunable_params(model) / base_params:.0%}"
+    intact = all(len(h) == a.n_heads for h in a.kv_of_head) and all(f == a.ffn_dim for f in a.ffn_dims)
+    return "0%" if intact else "-"
+
+
+def table(results):
+    """Markdown in the paper's layout; accuracies in %, Avg over the 7 task columns (only when all 7 ran)."""
+    head = ["Ratio", "Method", "WikiText2"] + [c for c, _ in COLUMNS.values()] + ["Avg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [r["ratio"], r["method"], f"{r['ppl']:.2f}" if r.get("ppl") else "-"]
+        accs = [r["tasks"][t][m] * 100 for t, (_, m) in COLUMNS.items() if t in r["tasks"]]
+        cells += [f"{r['tasks'][t][m] * 100:.2f}" if t in r["tasks"] else "-" for t, (_, m) in COLUMNS.items()]
+        cells.append(f"{statistics.mean(accs):.2f}" if len(accs) == len(COLUMNS) else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def latency_table(results):
+    rows = [("parameters (M)", "params", 1e-6), ("size on disk (MB)", "disk_bytes", 1e-6),
+            ("prefill (ms)", "prefill_ms", 1), ("decode (tokens/s)", "decode_tok_s", 1),
+            ("ms / token", "ms_per_token", 1), ("weights read (GB/s)", "bandwidth_gb_s", 1)]
+    head = [""] + [r["method"] for r in results] + [f"{r['method']} / {results[0]['method']}" for r in results[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, key, scale in rows:
+        vals = [r["latency"][key] for r in results]
+        lines.append("| " + " | ".join([name] + [f"{v * scale:.2f}" for v in vals]
+                                       + [f"{v / vals[0]:.2f}" for v in vals[1:]]) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="a .gguf file or checkpoint folder (default: the run's base, else SmolLM2-135M)")
+    p.add_argument("--run", help="a nute.py run folder: evaluate --ckpt masked by its adapter.safetensors")
+    p.add_argument("--compare", action="append", default=[], help="another checkpoint to evaluate (repeatable)")
+    p.add_argument("--ppl", help="text file for perplexity (WikiText-2's wiki.test.raw for the paper's column)")
+    p.add_argument("--seq-len", type=int, default=128, help="perplexity chunk length: 128 (LLM-Pruner) or 2048")
+    p.add_argument("--tasks", help="comma list of " + ", ".join(TASKS) + ", or all")
+    p.add_argument("--limit", type=int, help="score only the first N examples of each task")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward")
+    p.add_argument("--latency", action="store_true", help="time KV-cached generation")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--gen-len", type=int, default=256, help="total length: prompt + generated tokens")
+    p.add_argument("--runs", type=int, default=5, help="timed runs for --latency (the median is reported)")
+    # bf16 = weights in bf16, like the harness's dtype=bfloat16. On this 2-core CPU (SmolLM2, 50-200 examples of
+    # 6 tasks): 2.4-3.2x faster than fp32 scoring, 94-99% of answers unchanged, accuracies within +-2.5 points;
+    # autocast over fp32 weights was a bit closer (95-99%) and ~15% slower. Report final numbers in fp32.
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--ratio", default="", help="the Ratio cell of the first model (default: from masks / sizes)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --latency prompt")
+    p.add_argument("--out", help="JSON with every number (default: RUN/eval.json or ./eval.json)")
+    args = p.parse_args(argv)
+    # check everything cheap before loading anything
+    tasks = parse_tasks(args.tasks) if args.tasks else []
+    if args.ppl and not os.path.exists(args.ppl):
+        raise ValueError(f"{args.ppl}: file not found")
+    if args.limit is not None and args.limit < 1 or args.batch_size < 1 or args.seq_len < 2:
+        raise ValueError("--limit and --batch-size must be >= 1, --seq-len >= 2")
+    docs = {t: read_task(t, args.limit) for t in tasks}
+    demo = not (args.ppl or tasks or args.latency)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.ckpt is None and args.run and os.path.exists(os.path.join(args.run, "settings.json")):
+        with open(os.path.join(args.run, "settings.json")) as f:
+            args.ckpt = json.load(f).get("ckpt")  # the base checkpoint nute.py pruned
+    if args.ckpt is None:
+        args.ckpt = str(data.default_model_path())
+        if not os.path.exists(args.ckpt) or demo and not data.text_path("wiki").exists():
+            data.fetch()
+
+    results = []
+    for i, path in enumerate([args.ckpt] + args.compare):
+        run = args.run if i == 0 else None
+        print(f"loading {path}" + (f" + {run}" if run else ""), file=sys.stderr)
+        model, tok = load(path, dtype=dtype, device=args.device)
+        adapter = load_adapter(run, model) if run else None
+        r = {"ckpt": path, "run": run, "method": Path(run or path).name.removesuffix(".gguf"), "tasks": {}}
+        if demo:  # no arguments: a quick look at the default model
+            _, held = data.default_texts()  # Wikipedia documents never used for pruning
+            ids = text_ids(tok, "\n\n".join(held)[:60_000])[:8192]  # a fixed slice: the first 8192 tokens
+            ppl = perplexity(model, ids, args.seq_len, adapter, args.batch_size)
+            print(f"perplexity, {len(ids) // args.seq_len} x {args.seq_len} held-out Wikipedia tokens: {ppl:.2f}")
+            prompt = "The capital of France is"
+            print(prompt + tok.decode(generate(model, tok.encode(prompt), 16, adapter, eos_id=tok.eos_id)))
+            continue
+        t0 = time.time()
+        if args.ppl:
+            r["ppl"] = perplexity(model, text_ids(tok, "\n\n".join(data.read_texts(args.ppl))), args.seq_len,
+                                  adapter, args.batch_size)
+        for t in tasks:
+            r["tasks"][t] = evaluate_task(model, tok, t, docs[t], adapter, args.batch_size)
+            print(f"{r['method']} {t}: acc {r['tasks'][t]['acc']:.4f} acc_norm {r['tasks'][t]['acc_norm']:.4f} "
+                  f"({r['tasks'][t]['n']} examples)", file=sys.stderr)
+        if args.latency:
+            r["latency"] = latency(model, args.prompt_len, args.gen_len, adapter, args.runs, seed=args.seed)
+            r["latency"]["disk_bytes"] = disk_size(path)
+        r["seconds"] = time.time() - t0
+        r["prunable_params"] = prunable_params(model)
+        r["ratio"] = args.ratio if i == 0 and args.ratio else \
+            pruned_ratio(model, adapter, results[0]["prunable_params"] if results else None)
+        results.append(r)
+        del model
+    if demo:
+        return
+    if args.ppl or tasks:
+        print(table(results))
+        notes = [f"perplexity: seq_len {args.seq_len}, {args.ppl}"] if args.ppl else []
+        notes += [f"tasks: the first {args.limit} examples of each"] if args.limit else []
+        print("\n" + "; ".join(notes) if notes else "")
+    if args.latency:
+        print(f"\ngeneration from {args.prompt_len} to {args.gen_len} tokens, batch 1, {args.dtype}, "
+              f"{args.device}, median of {args.runs}")
+        print(latency_table(results))
+    out = args.out or os.path.join(args.run or ".", "eval.json")
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    with open(out, "w") as f:
+        json.dump({"settings": settings, "results": results, "torch": torch.__version__}, f, indent=1)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (LoadError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
