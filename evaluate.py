@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 import data
@@ -201,36 +200,6 @@ def read_task(name, limit=None):
 # ----------------------------------------------------------------------------------------------------
 # A nute.py run: base checkpoint + the masks and LoRA in run/adapter.safetensors
 
-def load_adapter(run, model):
-    """-> the adapter dict of a run folder, checked against the model's shapes."""
-    path = os.path.join(run, "adapter.safetensors")
-    if not os.path.exists(path):
-        raise LoadError(f"{path}: not found (is {run} a folder written by nute.py?)")
-    adapter = load_file(path)
-    a = model.args
-    want = {"z_head": (a.n_layers, a.n_heads), "z_int": (a.n_layers, a.ffn_dim), "z_hid": (a.dim,)}
-    params = dict(model.named_parameters())
-    for key, t in adapter.items():
-        if key.endswith((".lora_A", ".lora_B")):  # A [r, in], B [out, r] of the weight [out, in]
-            name = key[:-len(".lora_A")]
-            w, A = params.get(name + ".weight"), adapter.get(name + ".lora_A")
-            if w is None or A is None or name + ".lora_B" not in adapter:
-                raise LoadError(f"{path}: {key} has no weight of this model or no A/B partner")
-            want[key] = (A.shape[0], w.shape[1]) if key.endswith("A") else (w.shape[0], A.shape[0])
-        elif key not in want and key != "lora_scale":
-            raise LoadError(f"{path}: unexpected tensor {key}")
-        if key in want and tuple(t.shape) != want[key]:
-            raise LoadError(f"{path}: {key} has shape {list(t.shape)}, this model needs {list(want[key])}: "
-                            "the run was made from another base checkpoint (pass it with --ckpt)")
-    if any(k.endswith(".lora_A") for k in adapter) and "lora_scale" not in adapter:
-        raise LoadError(f"{path}: LoRA tensors but no lora_scale")
-    device = model.tok_embeddings.weight.device
-    adapter = {k: v.to(device) for k, v in adapter.items()}
-    if "lora_scale" in adapter:
-        adapter["lora_scale"] = float(adapter["lora_scale"])
-    return adapter
-
-
 # ----------------------------------------------------------------------------------------------------
 # Latency (gpt-fast style): KV-cached greedy generation, timed with the device synchronized
 
@@ -374,7 +343,7 @@ def main(argv=None):
         run = args.run if i == 0 else None
         print(f"loading {path}" + (f" + {run}" if run else ""), file=sys.stderr)
         model, tok = load(path, dtype=dtype, device=args.device)
-        adapter = load_adapter(run, model) if run else None
+        adapter = nute.load_adapter(run, model) if run else None
         r = {"ckpt": path, "run": run, "method": Path(run or path).name.removesuffix(".gguf"), "tasks": {}}
         if demo:  # no arguments: a quick look at the default model
             _, held = data.default_texts()  # Wikipedia documents never used for pruning

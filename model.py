@@ -8,7 +8,7 @@ import json
 import math
 import os
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -175,9 +175,8 @@ def rope_tables(head_dim, max_len, theta):
 
 
 def apply_rope(x, cos, sin):
-    # x [B, T, heads, head_dim] in the rotate-half layout (Hugging Face); cos, sin [T, head_dim/2]
+    # x [B, T, heads, head_dim] in the rotate-half layout (Hugging Face); cos, sin [T, 1, head_dim/2]
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
@@ -192,7 +191,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv * args.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * args.head_dim, args.dim, bias=False)
         self.register_buffer("kv_index", torch.tensor(kv_of_head, dtype=torch.long), persistent=False)
-        self.repeat_kv = kv_of_head != list(range(self.n_heads))  # GQA, or heads sharing kv after pruning
+        group = self.n_heads // max(1, self.n_kv)
+        self.uniform_gqa = kv_of_head == [h // group for h in range(self.n_heads)]  # SDPA repeats kv itself
+        self.repeat_kv = not self.uniform_gqa  # pruned layers: query heads read their kv head by index
         self.cache_k = self.cache_v = None
 
     def forward(self, x, cos, sin, adapter, name, z_head, start_pos):
@@ -212,8 +213,8 @@ class Attention(nn.Module):
                     mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
         if self.repeat_kv:  # grouped-query attention: each query head reads its kv head
             k, v = k.index_select(2, self.kv_index), v.index_select(2, self.kv_index)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask, is_causal=causal and T > 1)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           is_causal=causal and T > 1, enable_gqa=self.uniform_gqa)
         y = y.transpose(1, 2)  # [B, T, heads, head_dim]
         if z_head is not None:  # Eq. 1: each head's output scaled by its mask before the output projection
             y = y * z_head.to(y.dtype)[:, None]
@@ -284,8 +285,8 @@ class Transformer(nn.Module):
         pos = start_pos or 0
         if pos + T > self.args.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens is longer than max_seq_len {self.args.max_seq_len}")
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         h = self.tok_embeddings(tokens)  # [B, T, dim]
+        cos, sin = (t[pos:pos + T, None, :].to(h.dtype) for t in (self.rope_cos, self.rope_sin))  # once, not per layer
         z_hid = adapter.get("z_hid")
         if z_hid is not None:
             h = h * z_hid.to(h.dtype)

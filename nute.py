@@ -247,11 +247,11 @@ def train(args):
     gen = torch.Generator().manual_seed(args.seed)  # LoRA init and mask noise; saved with the checkpoint
 
     if args.finetune:  # masks frozen at the pruning run's deterministic values; LoRA continues and grows
-        run = load_file(str(Path(args.run) / "adapter.safetensors"))
-        fixed = {k: run[k].to(device) for k in MASKS}
+        run = load_adapter(args.run, model)
+        fixed = {k: run[k] for k in MASKS}
         log_alpha = {}
         lora = init_lora(model, args.lora_targets.split(","), args.lora_rank, gen,
-                         {k: v for k, v in run.items() if ".lora_" in k})
+                         {k: v.cpu() for k, v in run.items() if ".lora_" in k})
     else:
         fixed, log_alpha = {}, init_log_alpha(ma, gen)
         lora = {} if args.masks_only else init_lora(model, args.lora_targets.split(","), args.lora_rank, gen)
@@ -275,6 +275,8 @@ def train(args):
                 opt.load_state_dict(ck["opts"][name])
         queue.snapshots, step = ck["snapshots"], ck["step"]
         gen.set_state(ck["rng"])
+        rows = (out / "log.jsonl").read_text().splitlines()  # drop rows of steps after the checkpoint
+        (out / "log.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))
 
     warmup = round(args.warmup * args.steps)
     learn_masks = bool(log_alpha)
@@ -318,7 +320,7 @@ def train(args):
             queue.maybe_snapshot(s_now, args.target, log_alpha, lora, lora_scale)
         row = {"step": step + 1, **terms, "lagrangian": lag.item(), "expected_sparsity": s_now, "target": target,
                "lambda1": lambdas[0].item(), "lambda2": lambdas[1].item(),
-               "teacher": None if args.distill in ("none", "kd") else ("intact" if key is None else key * args.interval),
+               "teacher": None if not distill else ("intact" if key is None else key * args.interval),
                "lr_lora": lr_lora, "lr_mask": args.lr_mask, "tokens_per_s": x.numel() * args.grad_accum / (time.time() - t0),
                "memory_mb": (torch.cuda.max_memory_allocated() if device.type == "cuda" else 0) / 2**20}
         log.write(json.dumps(row) + "\n")
@@ -339,6 +341,36 @@ def train(args):
     save_file(adapter, str(out / "adapter.safetensors"))
     (out / "structure.md").write_text(structure_table(adapter, ma))
     return model, tok, adapter
+
+
+def load_adapter(run, model):
+    """-> the adapter dict of a run folder, checked against the model's shapes."""
+    path = os.path.join(run, "adapter.safetensors")
+    if not os.path.exists(path):
+        raise LoadError(f"{path}: not found (is {run} a folder written by nute.py?)")
+    adapter = load_file(path)
+    a = model.args
+    want = {"z_head": (a.n_layers, a.n_heads), "z_int": (a.n_layers, a.ffn_dim), "z_hid": (a.dim,)}
+    params = dict(model.named_parameters())
+    for key, t in adapter.items():
+        if key.endswith((".lora_A", ".lora_B")):  # A [r, in], B [out, r] of the weight [out, in]
+            name = key[:-len(".lora_A")]
+            w, A = params.get(name + ".weight"), adapter.get(name + ".lora_A")
+            if w is None or A is None or name + ".lora_B" not in adapter:
+                raise LoadError(f"{path}: {key} has no weight of this model or no A/B partner")
+            want[key] = (A.shape[0], w.shape[1]) if key.endswith("A") else (w.shape[0], A.shape[0])
+        elif key not in want and key != "lora_scale":
+            raise LoadError(f"{path}: unexpected tensor {key}")
+        if key in want and tuple(t.shape) != want[key]:
+            raise LoadError(f"{path}: {key} has shape {list(t.shape)}, this model needs {list(want[key])}: "
+                            "the run was made from another base checkpoint (pass it with --ckpt)")
+    if any(k.endswith(".lora_A") for k in adapter) and "lora_scale" not in adapter:
+        raise LoadError(f"{path}: LoRA tensors but no lora_scale")
+    device = model.tok_embeddings.weight.device
+    adapter = {k: v.to(device) for k, v in adapter.items()}
+    if "lora_scale" in adapter:
+        adapter["lora_scale"] = float(adapter["lora_scale"])
+    return adapter
 
 
 def structure_table(adapter, args):

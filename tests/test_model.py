@@ -345,7 +345,7 @@ def test_rope_layout_is_rotate_half():
     hd = 8
     cos, sin = M.rope_tables(hd, 4, 500.0)
     x = torch.randn(1, 4, 1, hd, dtype=F64)
-    y = M.apply_rope(x, cos, sin)
+    y = M.apply_rope(x, cos[:, None, :], sin[:, None, :])  # cos, sin [T, 1, hd/2]
     assert torch.allclose(y[0, 0], x[0, 0])
     ang = 1.0 / 500.0 ** (torch.arange(0, hd, 2, dtype=F64) / hd)
     x1, x2 = x[0, 1, 0, :4], x[0, 1, 0, 4:]
