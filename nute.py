@@ -84,6 +84,33 @@ def expected_sparsity(log_alpha, args):
     return 1 - expected_size(p["z_head"], p["z_int"], p["z_hid"], args) / prunable_size(args)
 
 
+@torch.no_grad()
+def magnitude_masks(model, target):
+    """Binary masks for the magnitude baseline (the paper's MaP row): drop the heads and FFN units whose
+    weights have the smallest root-mean-square, across all layers, until Eq. 3 reaches the target.
+    Hidden dims are kept: their norms mix every layer, and the paper's baseline prunes heads and units."""
+    a = model.args
+    units = []  # (rms of the unit's weights, kind, layer, index)
+    for l, layer in enumerate(model.layers):
+        wq, wo = (layer.attention.get_submodule(n).weight.float() for n in ("wq", "wo"))
+        for h in range(a.n_heads):
+            rows = slice(h * a.head_dim, (h + 1) * a.head_dim)
+            units.append((torch.cat([wq[rows].flatten(), wo[:, rows].flatten()]).pow(2).mean().sqrt().item(), "z_head", l, h))
+        ff = layer.feed_forward
+        rms = (ff.w1.weight.float().pow(2).mean(1) + ff.w3.weight.float().pow(2).mean(1) + ff.w2.weight.float().pow(2).mean(0)) / 3
+        units += [(r, "z_int", l, i) for i, r in enumerate(rms.sqrt().tolist())]
+    z = {"z_head": torch.ones(a.n_layers, a.n_heads), "z_int": torch.ones(a.n_layers, a.ffn_dim), "z_hid": torch.ones(a.dim)}
+    size, budget, group = prunable_size(a), (1 - target) * prunable_size(a), a.n_heads // a.n_kv_heads
+    for _, kind, l, i in sorted(units):  # Eq. 3 with binary masks, kept up to date unit by unit
+        if size <= budget:
+            break
+        z[kind][l, i] = 0
+        size -= 3 * a.dim if kind == "z_int" else 2 * a.dim * a.head_dim
+        if kind == "z_head" and z["z_head"][l, i // group * group:(i // group + 1) * group].sum() == 0:
+            size -= 2 * a.dim * a.head_dim  # the last query head of its group takes k and v along
+    return z
+
+
 def lagrangian(s_hat, target, lambdas):
     """Eq. 11: lambda1 (s - t) + lambda2 (s - t)^2; the lambdas are trained by gradient ascent."""
     return lambdas[0] * (s_hat - target) + lambdas[1] * (s_hat - target) ** 2
@@ -246,12 +273,14 @@ def train(args):
         raise ValueError("the training data is empty")
     gen = torch.Generator().manual_seed(args.seed)  # LoRA init and mask noise; saved with the checkpoint
 
-    if args.finetune:  # masks frozen at the pruning run's deterministic values; LoRA continues and grows
+    if args.run:  # masks frozen at a pruning run's deterministic values; its LoRA continues and grows
         run = load_adapter(args.run, model)
-        fixed = {k: run[k] for k in MASKS}
-        log_alpha = {}
+        fixed, log_alpha = {k: run[k] for k in MASKS}, {}
         lora = init_lora(model, args.lora_targets.split(","), args.lora_rank, gen,
                          {k: v.cpu() for k, v in run.items() if ".lora_" in k})
+    elif args.magnitude:  # the MaP baseline: masks fixed from weight norms, only LoRA learns
+        fixed, log_alpha = {k: v.to(device) for k, v in magnitude_masks(model, args.target).items()}, {}
+        lora = init_lora(model, args.lora_targets.split(","), args.lora_rank, gen)
     else:
         fixed, log_alpha = {}, init_log_alpha(ma, gen)
         lora = {} if args.masks_only else init_lora(model, args.lora_targets.split(","), args.lora_rank, gen)
@@ -282,7 +311,7 @@ def train(args):
     learn_masks = bool(log_alpha)
     log = open(out / "log.jsonl", "a")
     start = step
-    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="finetune" if args.finetune else "prune")
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="prune" if learn_masks else "tune")
     for step in bar:
         t0 = time.time()
         target = args.target * min(1.0, step / max(1, warmup))  # Eq. 11's target warms up linearly
@@ -293,7 +322,7 @@ def train(args):
         student = {**z, **lora, "lora_scale": lora_scale}
         s_hat = expected_sparsity(log_alpha, ma) if learn_masks else torch.tensor(0.0)
         teacher, key = None, None
-        if args.distill == "pkd" and not args.finetune:
+        if args.distill == "pkd" and learn_masks:
             key = queue.teacher_key(step, s_hat.item(), warmup, args.steps, args.target)
             if key is not None:
                 teacher = {k: v.to(device) for k, v in queue.snapshots[key].items()}
@@ -335,7 +364,7 @@ def train(args):
             return None  # a deliberate stop, like a kill: what was not checkpointed is lost
     log.close()
 
-    masks = fixed if args.finetune else {k: deterministic_z(v) for k, v in log_alpha.items()}
+    masks = {k: deterministic_z(v) for k, v in log_alpha.items()} if learn_masks else fixed
     adapter = {**{k: v.detach().float().cpu().contiguous() for k, v in {**masks, **lora}.items()},
                "lora_scale": torch.tensor(lora_scale)}
     save_file(adapter, str(out / "adapter.safetensors"))
@@ -404,6 +433,7 @@ def get_args(argv=None):
     p.add_argument("--distill", choices=["pkd", "kd", "none"], default="pkd",
                    help="pkd: progressive numerous teachers; kd: the intact teacher throughout; none: next-token loss")
     p.add_argument("--masks-only", action="store_true", help="learn masks without LoRA (the paper's dagger rows)")
+    p.add_argument("--magnitude", action="store_true", help="baseline: fix masks by weight norms to --target, train LoRA only")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=8.0)
     p.add_argument("--lora-targets", default=None, help="comma list of q,k,v,o,gate,up,down (default q,v; all for --finetune)")
@@ -421,12 +451,14 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--stop-after", type=int, help="stop after N steps of this invocation (like a kill; --resume continues)")
-    p.add_argument("--run", help="with --finetune: the pruning run whose masks and LoRA start the fine-tuning")
+    p.add_argument("--run", help="a pruning run whose masks stay frozen and whose LoRA goes on training")
     p.add_argument("--finetune", help="post fine-tuning on an Alpaca JSON file, masks frozen (Sec. 3.3)")
     p.add_argument("--no-eval", dest="eval", action="store_false", help="skip perplexity and latency at the end")
     args = p.parse_args(argv)
     if not 0 < args.target < 1:
         raise ValueError(f"--target must be in (0, 1), got {args.target}")
+    if args.run and args.magnitude:
+        raise ValueError("--run and --magnitude both fix the masks: choose one")
     if args.finetune and not args.run:
         raise ValueError("--finetune needs --run, the pruning run whose masks it keeps")
     args.lora_targets = args.lora_targets or ("q,k,v,o,gate,up,down" if args.finetune else "q,v")

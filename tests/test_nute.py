@@ -8,30 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
 import model
 import nute
-from conftest import ROOT
+from conftest import ROOT, make_tiny
 
 LLAMA_7B = model.ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, ffn_dim=11008, vocab_size=32000)
-
-
-def make_tiny(folder, seed=0, **kw):
-    """A random tiny checkpoint folder: HF safetensors + a byte-level tokenizer.json (256 bytes + <|endoftext|>)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {data.BYTE_CHARS[b]: b for b in range(256)}
-    (folder / "tokenizer.json").write_text(json.dumps({
-        "model": {"type": "BPE", "vocab": vocab, "merges": []},
-        "added_tokens": [{"id": 256, "content": "<|endoftext|>"}],
-        "pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}))
-    torch.manual_seed(seed)
-    args = model.ModelArgs(**{**dict(dim=48, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=12, ffn_dim=96,
-                                     vocab_size=257, max_seq_len=256), **kw})
-    m = model.Transformer(args)
-    for p in m.parameters():
-        p.data.normal_(0, 0.15)
-    model.save(m, None, folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -291,3 +272,23 @@ def test_resume_with_other_model_refused(tiny, tmp_path):
     r = subprocess.run([sys.executable, "nute.py", *argv], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "other settings" in r.stderr and "ckpt" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_magnitude_masks_reach_target_and_drop_smallest(tiny):
+    m, _ = model.load(str(tiny[0]))
+    with torch.no_grad():
+        m.layers[1].feed_forward.w1.weight[7] *= 0.01  # a unit with tiny weights must go first
+    z = nute.magnitude_masks(m, 0.3)
+    size = nute.expected_size(z["z_head"], z["z_int"], z["z_hid"], m.args).item()
+    M = nute.prunable_size(m.args)
+    assert (1 - 0.3) * M - 4 * m.args.dim * m.args.head_dim < size <= (1 - 0.3) * M  # stops right at the target
+    assert z["z_int"][1, 7] == 0 and z["z_hid"].all()
+
+
+def test_magnitude_run_trains_lora_with_fixed_masks(tiny, tmp_path):
+    run(tiny, tmp_path / "mag", "--target", "0.3", "--steps", "6", "--magnitude", "--distill", "none")
+    adapter = load_file(str(tmp_path / "mag" / "adapter.safetensors"))
+    want = nute.magnitude_masks(model.load(str(tiny[0]))[0], 0.3)
+    for k in nute.MASKS:
+        assert torch.equal(adapter[k], want[k]), k
+    assert adapter["layers.0.attention.wq.lora_B"].abs().sum() > 0  # LoRA learned
