@@ -7,6 +7,7 @@ with each forward as an *adapter*, a flat dict of tensors (see `Transformer.forw
 import json
 import math
 import os
+import shutil
 import struct
 from dataclasses import asdict, dataclass
 
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 class LoadError(Exception):
@@ -344,9 +347,11 @@ def slice_model(model, adapter):
     for key in adapter:  # Eq. 4 merged: W + scale * B A
         if key.endswith(".lora_A"):
             name = key[:-len(".lora_A")]
-            sd[name + ".weight"] += adapter["lora_scale"] * (adapter[name + ".lora_B"].to(sd[name + ".weight"]) @ adapter[key].to(sd[name + ".weight"]))
+            W = sd[name + ".weight"]
+            W += adapter["lora_scale"] * (adapter[name + ".lora_B"].to(W) @ adapter[key].to(W))
     dev = sd["tok_embeddings.weight"].device
-    mask = lambda key, i, n: adapter[key][i].to(dev, dtype) if key in adapter else torch.ones(n, device=dev, dtype=dtype)
+    def mask(key, i, n):  # an absent mask keeps everything
+        return adapter[key][i].to(dev, dtype) if key in adapter else torch.ones(n, device=dev, dtype=dtype)
     z_hid = mask("z_hid", slice(None), a.dim)
     hid = z_hid.nonzero()[:, 0]  # kept hidden dims
     k, d, hd = len(hid), a.dim, a.head_dim
@@ -439,7 +444,6 @@ def hf_config(args):
 
 
 def read_hf(path):
-    from safetensors import safe_open
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     if cfg.get("rope_scaling"):
@@ -571,7 +575,8 @@ def build(args, state):
         raise LoadError(f"weights do not fit the config: {str(e).splitlines()[1:2]}") from None
     w = state["tok_embeddings.weight"]
     device, dtype = w.device, torch.promote_types(w.dtype, torch.float32)
-    model.rope_cos, model.rope_sin = (t.to(device, dtype) for t in rope_tables(args.head_dim, args.max_seq_len, args.rope_theta))
+    cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+    model.rope_cos, model.rope_sin = cos.to(device, dtype), sin.to(device, dtype)
     for i, layer in enumerate(model.layers):  # buffers made on the meta device hold no data
         if layer.attention is not None:
             layer.attention.kv_index = torch.tensor(args.kv_of_head[i], dtype=torch.long, device=device)
@@ -580,7 +585,6 @@ def build(args, state):
 
 def save(model, tokenizer, folder):
     """Writes model.safetensors + config.json (Hugging Face names, rotate-half RoPE) + the tokenizer."""
-    from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     to_hf = {v: k for k, v in HF_NAMES.items()}
     state = {}
@@ -593,9 +597,9 @@ def save(model, tokenizer, folder):
         json.dump(hf_config(model.args), f, indent=1)
     src = getattr(tokenizer, "source", None)
     if isinstance(src, dict):  # the tokenizer lived in a GGUF's metadata: keep just that metadata
-        write_gguf_metadata(os.path.join(folder, "tokenizer.gguf"), {k: v for k, v in src.items() if k.startswith("tokenizer.")})
+        meta = {k: v for k, v in src.items() if k.startswith("tokenizer.")}
+        write_gguf_metadata(os.path.join(folder, "tokenizer.gguf"), meta)
     elif src is not None:
-        import shutil
         src_dir = src if os.path.isdir(src) else os.path.dirname(src)
         for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
             if os.path.exists(os.path.join(src_dir, name)) and os.path.abspath(src_dir) != os.path.abspath(folder):
