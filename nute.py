@@ -182,7 +182,8 @@ def distill_loss(logits_s, logits_t, hidden_s, hidden_t, z_hid, temperature):
     kl = F.kl_div(F.log_softmax(logits_s.float() / T, -1), F.softmax(logits_t.float() / T, -1),
                   reduction="batchmean") * T * T
     kept = z_hid > 0
-    layer = sum(F.mse_loss(hs.float()[..., kept], ht.float()[..., kept]) for hs, ht in zip(hidden_s, hidden_t))
+    layer = sum((F.mse_loss(hs.float()[..., kept], ht.float()[..., kept]) for hs, ht in zip(hidden_s, hidden_t)),
+                torch.tensor(0.0))
     return kl, layer
 
 
@@ -239,7 +240,7 @@ def micro_step(model, x, loss_mask, student, teacher, distill, args):
         hidden = hidden if args.layer_weight else []  # weight 0: skip the layer loss altogether
         kl, layer = distill_loss(logits, logits_t, hidden, hidden_t, student["z_hid"], args.temperature)
         loss = args.kl_weight * kl + args.layer_weight * layer  # Eq. 7 without the L0 term
-        terms = {"kl": kl.item(), "layer": float(layer)}
+        terms = {"kl": kl.item(), "layer": layer.item()}
     (loss / args.grad_accum).backward()
     return terms
 
