@@ -3,6 +3,7 @@
     python bench.py model     # forward tokens/s fp32 vs bf16; decode tokens/s with vs without the KV cache
     python bench.py train     # paper Table 9: per-step time and peak memory of no-KD, KD, PKD, PKD + layer loss
     python bench.py export    # decode speed of models pruned to 20% / 50% against the weight-bytes limit
+    python bench.py eval      # zero-shot scoring: batched (shared contexts) vs one request per forward
 """
 import argparse
 import json
@@ -156,9 +157,22 @@ def bench_export(args):
                   f"{speed:.2f}x | {limit:.2f}x | {speed / limit:.0%} |")
 
 
+def bench_eval(args):
+    docs = evaluate.read_task("arc_easy", 40)  # the first 40 ARC-Easy test questions, 4 choices each
+    print("| dtype | batched examples/s | one request per forward, examples/s | speed-up |")
+    print("|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        m, tok = model.load(args.ckpt, dtype=dtype)
+        batched = len(docs) / timed(lambda: evaluate.evaluate_task(m, tok, "arc_easy", docs, batch_size=32), 1)
+        requests = [evaluate.encode_pair(tok, c, x) for d in docs
+                    for c, x in zip(*evaluate.make_example("arc_easy", d)[:2])]
+        single = len(docs) / timed(lambda: [evaluate.score_requests(m, [r], batch_size=1) for r in requests], 1)
+        print(f"| {str(dtype).split('.')[1]} | {batched:.2f} | {single:.2f} | {batched / single:.2f}x |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["model", "train", "export"])
+    p.add_argument("what", choices=["model", "train", "export", "eval"])
     p.add_argument("--ckpt", default=str(data.default_model_path()))
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--steps", type=int, default=5, help="train: timed steps per configuration")
@@ -172,8 +186,10 @@ def main():
         bench_model(args)
     elif args.what == "train":
         bench_train(args)
-    else:
+    elif args.what == "export":
         bench_export(args)
+    else:
+        bench_eval(args)
 
 
 if __name__ == "__main__":
