@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 import data
 import evaluate as E
+import nute
 from model import LoadError, ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,17 +192,17 @@ def test_load_adapter(tiny, tmp_path):
             "layers.0.attention.wv.lora_A": torch.zeros(8, 64), "layers.0.attention.wv.lora_B": torch.zeros(32, 8),
             "lora_scale": torch.tensor(2.0)}
     save_file(good, tmp_path / "adapter.safetensors")
-    adapter = E.load_adapter(tmp_path, tiny)
+    adapter = nute.load_adapter(tmp_path, tiny)
     assert adapter["lora_scale"] == 2.0 and adapter["z_int"].shape == (2, 128)
     for key, bad in [("z_head", torch.ones(3, 4)), ("layers.0.attention.wv.lora_B", torch.zeros(64, 8))]:
         save_file({**good, key: bad}, tmp_path / "adapter.safetensors")
         with pytest.raises(LoadError, match=f"{key} has shape"):
-            E.load_adapter(tmp_path, tiny)
+            nute.load_adapter(tmp_path, tiny)
     save_file({k: v for k, v in good.items() if not k.endswith("lora_A")}, tmp_path / "adapter.safetensors")
     with pytest.raises(LoadError, match="no A/B partner"):
-        E.load_adapter(tmp_path, tiny)
+        nute.load_adapter(tmp_path, tiny)
     with pytest.raises(LoadError, match="not found"):
-        E.load_adapter(tmp_path / "nope", tiny)
+        nute.load_adapter(tmp_path / "nope", tiny)
 
 
 def test_pruned_ratio_of_masks_equals_that_of_the_export(tiny):
