@@ -9,6 +9,7 @@ One intact model is loaded. The student is that model with learnable masks + LoR
 same model with a frozen snapshot of earlier masks + LoRA (a few MB, kept on the CPU). Paper Sec. 3.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -212,13 +213,14 @@ def training_data(args, tok):
     return blocks, torch.ones(blocks.shape, dtype=torch.float32)
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, seed):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
 def batch_rows(index, batch_size, n, seed):
     """Rows of the `index`-th batch: epochs of a seeded permutation, so a resumed run sees the same data."""
-    rows = []
-    for j in range(index * batch_size, (index + 1) * batch_size):
-        epoch, pos = divmod(j, n)
-        rows.append(int(torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))[pos]))
-    return rows
+    return [int(epoch_order(n, seed + j // n)[j % n]) for j in range(index * batch_size, (index + 1) * batch_size)]
 
 
 def next_token_loss(logits, tokens, loss_mask):
