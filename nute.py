@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -355,7 +356,8 @@ def train(args):
                "lambda1": lambdas[0].item(), "lambda2": lambdas[1].item(),
                "teacher": None if not distill else ("intact" if key is None else key * args.interval),
                "lr_lora": lr_lora, "lr_mask": args.lr_mask, "tokens_per_s": x.numel() * args.grad_accum / (time.time() - t0),
-               "memory_mb": (torch.cuda.max_memory_allocated() if device.type == "cuda" else 0) / 2**20}
+               "memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # peak RSS on the CPU
         log.write(json.dumps(row) + "\n")
         bar.set_postfix(sparsity=f"{s_now:.3f}", target=f"{target:.3f}", **{k: f"{v:.3g}" for k, v in terms.items() if v})
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
