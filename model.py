@@ -195,8 +195,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * args.head_dim, args.dim, bias=False)
         self.register_buffer("kv_index", torch.tensor(kv_of_head, dtype=torch.long), persistent=False)
         group = self.n_heads // max(1, self.n_kv)
-        self.uniform_gqa = kv_of_head == [h // group for h in range(self.n_heads)]  # SDPA repeats kv itself
-        self.repeat_kv = not self.uniform_gqa  # pruned layers: query heads read their kv head by index
+        # uniform groups: SDPA repeats the kv heads itself; a pruned layer reads them by index instead
+        self.uniform_gqa = kv_of_head == [h // group for h in range(self.n_heads)]
         self.cache_k = self.cache_v = None
 
     def forward(self, x, cos, sin, adapter, name, z_head, start_pos):
@@ -214,7 +214,7 @@ class Attention(nn.Module):
                 causal = False
                 if T > 1:
                     mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
-        if self.repeat_kv:  # grouped-query attention: each query head reads its kv head
+        if not self.uniform_gqa:  # each query head reads its own kv head
             k, v = k.index_select(2, self.kv_index), v.index_select(2, self.kv_index)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                            is_causal=causal and T > 1, enable_gqa=self.uniform_gqa)
@@ -587,11 +587,7 @@ def save(model, tokenizer, folder):
     """Writes model.safetensors + config.json (Hugging Face names, rotate-half RoPE) + the tokenizer."""
     os.makedirs(folder, exist_ok=True)
     to_hf = {v: k for k, v in HF_NAMES.items()}
-    state = {}
-    for key, value in model.state_dict().items():
-        for ours, theirs in to_hf.items():
-            key = key.replace(ours, theirs, 1) if key.startswith(ours + ".") or f".{ours}." in key else key
-        state[key] = value.contiguous()
+    state = {rename(key, to_hf): value.contiguous() for key, value in model.state_dict().items()}
     save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_config(model.args), f, indent=1)
