@@ -270,9 +270,10 @@ def pruned_ratio(model, adapter=None, base_params=None):
     return "0%" if intact else "-"
 
 
-def table(results):
-    """Markdown in the paper's layout; accuracies in %, Avg over the 7 task columns (only when all 7 ran)."""
-    head = ["Ratio", "Method", "WikiText2"] + [c for c, _ in COLUMNS.values()] + ["Avg"]
+def table(results, ppl_name="WikiText2"):
+    """Markdown in the paper's layout; accuracies in %, Avg over the 7 task columns (only when all 7 ran).
+    ppl_name heads the perplexity column: the paper's is WikiText2; name whatever text was really used."""
+    head = ["Ratio", "Method", ppl_name] + [c for c, _ in COLUMNS.values()] + ["Avg"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [r["ratio"], r["method"], f"{r['ppl']:.2f}" if r.get("ppl") else "-"]
@@ -373,7 +374,7 @@ def main(argv=None):
     if demo:
         return
     if args.ppl or tasks:
-        print(table(results))
+        print(table(results, Path(args.ppl).name if args.ppl else "PPL"))
         notes = [f"perplexity: seq_len {args.seq_len}, {args.ppl}"] if args.ppl else []
         notes += [f"tasks: the first {args.limit} examples of each"] if args.limit else []
         print("\n" + "; ".join(notes) if notes else "")

@@ -14,8 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import data
 import evaluate
+from model import load
 
 ROWS = {  # name in the table -> nute.py flags (NutePrune is the default: PKD, masks + LoRA)
     "NutePrune": [],
@@ -55,7 +58,7 @@ def main():
         args.ckpt = str(data.default_model_path())
     heldout = args.heldout
     if heldout is None:  # never trained on: data.default_texts() keeps these documents out of the training part
-        heldout = out / "heldout.txt"
+        heldout = out / "heldout-wiki.txt"
         heldout.write_text("\n\n".join(data.default_texts()[1]))
     common = ["--ckpt", args.ckpt, "--steps", args.steps, "--batch-size", args.batch_size,
               "--seq-len", args.seq_len, "--dtype", args.dtype, "--seed", 0, "--no-eval",
@@ -82,14 +85,18 @@ def main():
             sh(["evaluate.py", *where, *scoring, "--ratio", ratio, "--out", result], log)
             r = json.loads(result.read_text())
             r["train_seconds"], r["row_seconds"] = train_s, time.time() - t0
+            if target is not None:  # the masks land near, not on, the target: count what the export really kept
+                small = load(run / "model", torch.float32, "cpu")[0]
+                r["sparsity"] = 1 - evaluate.prunable_params(small) / r["results"][0]["prunable_params"]
             result.write_text(json.dumps(r, indent=1))
         r = json.loads(result.read_text())
-        rows.append({**r["results"][0], "method": name, "ratio": ratio})
+        achieved = f" ({r['sparsity']:.1%})" if "sparsity" in r else ""
+        rows.append({**r["results"][0], "method": name, "ratio": ratio + achieved})
         rows[-1]["minutes"] = r.get("row_seconds", 0) / 60
-        note = (f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens, {args.dtype}, seed 0; "
+        note = (f"Ratio: target (sparsity of the exported model's projections). {args.steps} steps x {args.batch_size} x {args.seq_len} tokens, {args.dtype}, seed 0; "
                 f"perplexity at seq_len 128 on {heldout}; tasks: "
                 + (f"first {args.limit} examples of each" if args.limit else "full splits"))
-        (out / "table.md").write_text(evaluate.table(rows) + "\n\n" + note + "\n\n| row | minutes |\n|---|---|\n"
+        (out / "table.md").write_text(evaluate.table(rows, Path(heldout).name) + "\n\n" + note + "\n\n| row | minutes |\n|---|---|\n"
                                       + "".join(f"| {x['ratio']} {x['method']} | {x['minutes']:.1f} |\n" for x in rows))
         print(f"{ratio} {name}: done", flush=True)
     print((out / "table.md").read_text())

@@ -222,7 +222,8 @@ def test_pruned_ratio_of_masks_equals_that_of_the_export(tiny):
 
 def test_table_and_latency(tiny):
     tasks = {t: {"acc": 0.5, "acc_norm": 0.25} for t in E.TASKS}
-    lines = E.table([{"ratio": "0%", "method": "base", "ppl": 12.345, "tasks": tasks}]).splitlines()
+    lines = E.table([{"ratio": "0%", "method": "base", "ppl": 12.345, "tasks": tasks}], "wiki.txt").splitlines()
+    assert lines[0].startswith("| Ratio | Method | wiki.txt | BoolQ |")
     # acc columns 50, acc_norm columns (HellaSwag, ARC-c, OBQA) 25: Avg = (4*50 + 3*25) / 7
     assert lines[2] == "| 0% | base | 12.35 | 50.00 | 50.00 | 25.00 | 50.00 | 50.00 | 25.00 | 25.00 | 39.29 |"
     r = E.latency(tiny, prompt_len=4, gen_len=12, runs=1, warmup=0)

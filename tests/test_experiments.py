@@ -17,8 +17,10 @@ def test_experiments_smoke(tmp_path):
     table = (tmp_path / "res" / "table.md").read_text()
     for name in ("dense", "NutePrune", "KD (intact teacher)", "no KD", "masks only", "magnitude + LoRA"):
         assert name in table
-    mag = json.loads((tmp_path / "res" / "magnitude-+-LoRA-30.json").read_text())["results"][0]
-    assert mag["ppl"] > 1 and mag["ratio"] == "30%"
+    mag = json.loads((tmp_path / "res" / "magnitude-+-LoRA-30.json").read_text())
+    assert mag["results"][0]["ppl"] > 1 and mag["results"][0]["ratio"] == "30%"
+    # magnitude pruning stops at the first unit past the target; the export counts what was really removed
+    assert 0.3 <= mag["sparsity"] < 0.4 and f"| 30% ({mag['sparsity']:.1%}) | magnitude + LoRA |" in table
     # a second call finds every row done and trains nothing
     r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "prune" not in r.stderr
