@@ -85,19 +85,25 @@ def main():
             sh(["evaluate.py", *where, *scoring, "--ratio", ratio, "--out", result], log)
             r = json.loads(result.read_text())
             r["train_seconds"], r["row_seconds"] = train_s, time.time() - t0
-            if target is not None:  # the masks land near, not on, the target: count what the export really kept
-                small = load(run / "model", torch.float32, "cpu")[0]
-                r["sparsity"] = 1 - evaluate.prunable_params(small) / r["results"][0]["prunable_params"]
             result.write_text(json.dumps(r, indent=1))
         r = json.loads(result.read_text())
-        achieved = f" ({r['sparsity']:.1%})" if "sparsity" in r else ""
-        rows.append({**r["results"][0], "method": name, "ratio": ratio + achieved})
+        if target is not None and "sparsity" not in r:  # masks land near, not on, the target: count what the export kept
+            r["sparsity"] = 1 - evaluate.prunable_params(load(run / "model", torch.float32, "cpu")[0]) \
+                / r["results"][0]["prunable_params"]
+            result.write_text(json.dumps(r, indent=1))
+        rows.append({**r["results"][0], "method": name, "ratio": ratio + (f" ({r['sparsity']:.1%})" if target else "")})
         rows[-1]["minutes"] = r.get("row_seconds", 0) / 60
-        note = (f"Ratio: target (sparsity of the exported model's projections). {args.steps} steps x {args.batch_size} x {args.seq_len} tokens, {args.dtype}, seed 0; "
-                f"perplexity at seq_len 128 on {heldout}; tasks: "
-                + (f"first {args.limit} examples of each" if args.limit else "full splits"))
-        (out / "table.md").write_text(evaluate.table(rows, Path(heldout).name) + "\n\n" + note + "\n\n| row | minutes |\n|---|---|\n"
-                                      + "".join(f"| {x['ratio']} {x['method']} | {x['minutes']:.1f} |\n" for x in rows))
+        log_rows = [json.loads(line) for line in open(run / "log.jsonl")] if target else []
+        rows[-1]["trajectory"] = [log_rows[k * len(log_rows) // 6 - 1]["expected_sparsity"] for k in range(1, 7)] if log_rows else []
+        note = (f"Ratio: target (sparsity of the exported model's projections). {args.steps} steps x {args.batch_size} x "
+                f"{args.seq_len} tokens, {args.dtype}, seed 0; perplexity at seq_len 128 on {heldout}"
+                + ("" if args.tasks == "none" else f"; tasks: first {args.limit} examples of each" if args.limit else "; tasks: full splits"))
+        steps = [f"step {k * args.steps // 6}" for k in range(1, 7)]
+        (out / "table.md").write_text(
+            evaluate.table(rows, Path(heldout).name) + "\n\n" + note + "\n\nWall time and expected sparsity during training:\n\n"
+            + "| row | minutes | " + " | ".join(steps) + " |\n|" + "---|" * (2 + len(steps)) + "\n"
+            + "".join(f"| {x['ratio']} {x['method']} | {x['minutes']:.1f} | " + " | ".join(f"{v:.3f}" if v is not None else "-" for v in x["trajectory"] or [None] * 6)
+                      + " |\n" for x in rows))
         print(f"{ratio} {name}: done", flush=True)
     print((out / "table.md").read_text())
 

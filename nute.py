@@ -289,6 +289,7 @@ def train(args):
     else:
         fixed, log_alpha = {}, init_log_alpha(ma, gen)
         lora = {} if args.masks_only else init_lora(model, args.lora_targets.split(","), args.lora_rank, gen)
+    s_fixed = 1 - expected_size(*((fixed[k] > 0).float() for k in MASKS), ma).item() / prunable_size(ma) if fixed else 0.0
     lora_scale = args.lora_alpha / args.lora_rank
     for group in (log_alpha, lora):
         for k in group:
@@ -349,7 +350,7 @@ def train(args):
         with torch.no_grad():
             for v in log_alpha.values():
                 v.clamp_(math.log(0.01), math.log(100))
-            s_now = expected_sparsity(log_alpha, ma).item() if learn_masks else 0.0
+            s_now = expected_sparsity(log_alpha, ma).item() if learn_masks else s_fixed
         if args.distill == "pkd" and learn_masks:
             queue.maybe_snapshot(s_now, args.target, log_alpha, lora, lora_scale)
         row = {"step": step + 1, **terms, "lagrangian": lag.item(), "expected_sparsity": s_now, "target": target,

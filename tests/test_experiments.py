@@ -21,6 +21,8 @@ def test_experiments_smoke(tmp_path):
     assert mag["results"][0]["ppl"] > 1 and mag["results"][0]["ratio"] == "30%"
     # magnitude pruning stops at the first unit past the target; the export counts what was really removed
     assert 0.3 <= mag["sparsity"] < 0.4 and f"| 30% ({mag['sparsity']:.1%}) | magnitude + LoRA |" in table
+    log = [json.loads(line) for line in open(tmp_path / "res" / "magnitude-+-LoRA-30" / "log.jsonl")]
+    assert all(abs(r["expected_sparsity"] - mag["sparsity"]) < 1e-9 for r in log)  # Eq. 3 on fixed masks = the export
     # a second call finds every row done and trains nothing
     r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "prune" not in r.stderr
