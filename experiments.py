@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 import data
 import evaluate
+import nute
 from model import load
 
 ROWS = {  # name in the table -> nute.py flags (NutePrune is the default: PKD, masks + LoRA)
@@ -33,6 +35,28 @@ def sh(cmd, log):
     with open(log, "a") as f:
         if subprocess.run([sys.executable, *map(str, cmd)], stdout=f, stderr=subprocess.STDOUT).returncode:
             sys.exit(f"error: {' '.join(map(str, cmd))} failed; see {log}")
+
+
+def sparsity(z, a):
+    """Eq. 3 with the binary masks: exactly the share of projection weights the export removes."""
+    return 1 - nute.expected_size(*((z[k] > 0).float() for k in nute.MASKS), a).item() / nute.prunable_size(a)
+
+
+def at_target(run, target, a):
+    """A run's masks moved to exactly the target (post hoc, for a comparison at equal size): every log_alpha is
+    shifted by one constant, found by bisection, so the ranking the run learned stays and only the number of
+    pruned units moves; kept units keep their soft values. The LoRA was trained with the run's own masks."""
+    log_alpha = torch.load(run / "checkpoint.pt", weights_only=False)["log_alpha"]
+    adapter = load_file(str(run / "adapter.safetensors"))
+    masks = lambda shift: {k: torch.sigmoid(v.float() / nute.BETA * 0.8) * (nute.deterministic_z(v + shift) > 0)
+                           for k, v in log_alpha.items()}
+    if any(not torch.allclose(z, adapter[k].float(), rtol=0, atol=1e-6) for k, z in masks(0.0).items()):
+        raise SystemExit(f"error: {run}/checkpoint.pt does not hold the masks of its adapter.safetensors")
+    lo, hi = -20.0, 20.0  # sparsity falls as the shift grows: keep hi on the side at or below the target
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sparsity(masks(mid), a) > target else (lo, mid)
+    return {**adapter, **masks(hi)}
 
 
 def report(rows, args, heldout):
@@ -82,18 +106,28 @@ def main():
     scoring += ["--tasks", args.tasks] if args.tasks != "none" else []
     scoring += ["--limit", args.limit] if args.limit else []
 
-    jobs = [("dense", "0%", None, None)]
-    jobs += [(name, f"{float(t):.0%}", float(t), flags) for t in args.targets.split(",") for name, flags in ROWS.items()]
-    rows = []
-    for name, ratio, target, flags in jobs:
-        slug = name.split(" (")[0].replace(" ", "-").replace(",", "") + (f"-{ratio[:-1]}" if target else "")
-        run, log = out / slug, out / f"{slug}.log"
-        result = out / f"{slug}.json"
+    folder_of = lambda name, ratio: name.split(" (")[0].replace(" ", "-").replace(",", "") + f"-{ratio[:-1]}"
+    jobs = [("dense", "dense", "0%", None, None)]  # (name, folder, ratio, target, nute.py flags)
+    jobs += [(name, folder_of(name, f"{float(t):.0%}"), f"{float(t):.0%}", float(t), flags)
+             for t in args.targets.split(",") for name, flags in ROWS.items()]
+    # then the learned-mask runs again, moved to exactly the target (they land near it, not on it)
+    jobs += [(name + ", at target", folder + "-at-target", ratio, target, None) for name, folder, ratio, target, flags in jobs
+             if target is not None and "--magnitude" not in flags]
+    rows, base = [], None  # base: the intact model's ModelArgs, read once when needed
+    for name, folder, ratio, target, flags in jobs:
+        run, log, result = out / folder, out / f"{folder}.log", out / f"{folder}.json"
         if not result.exists():
             t0 = time.time()
-            if target is not None and not (run / "adapter.safetensors").exists():
+            if flags is not None and not (run / "adapter.safetensors").exists():
                 resume = ["--resume"] if (run / "checkpoint.pt").exists() else []
                 sh(["nute.py", *common, "--target", target, "--out", run, *flags, *resume], log)
+            if target is not None and flags is None:  # an ", at target" row: new masks for the trained run
+                base = base or load(args.ckpt, torch.float32, "cpu")[0].args
+                trained = out / folder.removesuffix("-at-target")
+                adapter = at_target(trained, target, base)
+                run.mkdir(exist_ok=True)
+                save_file(adapter, str(run / "adapter.safetensors"))
+                (run / "log.jsonl").write_text((trained / "log.jsonl").read_text())
             train_s = time.time() - t0
             where = ["--ckpt", args.ckpt] + (["--run", run] if target is not None else [])
             sh(["evaluate.py", *where, *scoring, "--ratio", ratio, "--out", result], log)
@@ -101,9 +135,9 @@ def main():
             r["train_seconds"], r["row_seconds"] = train_s, time.time() - t0
             result.write_text(json.dumps(r, indent=1))
         r = json.loads(result.read_text())
-        if target is not None and "sparsity" not in r:  # masks land near, not on, the target: count what the export kept
-            r["sparsity"] = 1 - evaluate.prunable_params(load(run / "model", torch.float32, "cpu")[0]) \
-                / r["results"][0]["prunable_params"]
+        if target is not None and "sparsity" not in r:  # the masks land near the target, not on it
+            base = base or load(args.ckpt, torch.float32, "cpu")[0].args
+            r["sparsity"] = sparsity(load_file(str(run / "adapter.safetensors")), base)
             result.write_text(json.dumps(r, indent=1))
         rows.append({**r["results"][0], "method": name, "ratio": ratio + (f" ({r['sparsity']:.1%})" if target else ""),
                      "train_min": r["train_seconds"] / 60, "score_min": (r["row_seconds"] - r["train_seconds"]) / 60,
@@ -111,7 +145,6 @@ def main():
         (out / "table.md").write_text(report(rows, args, heldout))
         print(f"{ratio} {name}: done", flush=True)
     print((out / "table.md").read_text())
-
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, make_tiny
 
 
@@ -23,6 +25,36 @@ def test_experiments_smoke(tmp_path):
     assert 0.3 <= mag["sparsity"] < 0.4 and f"| 30% ({mag['sparsity']:.1%}) | magnitude + LoRA |" in table
     log = [json.loads(line) for line in open(tmp_path / "res" / "magnitude-+-LoRA-30" / "log.jsonl")]
     assert all(abs(r["expected_sparsity"] - mag["sparsity"]) < 1e-9 for r in log)  # Eq. 3 on fixed masks = the export
+    for name in ("NutePrune", "KD", "no-KD", "NutePrune-masks-only"):  # the trained masks moved to the target
+        assert 0.3 - 1 / 48 < json.loads((tmp_path / "res" / f"{name}-30-at-target.json").read_text())["sparsity"] <= 0.3
     # a second call finds every row done and trains nothing
     r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "prune" not in r.stderr
+
+
+def test_at_target_keeps_the_ranking_and_hits_the_target(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    import experiments
+    import nute
+    from model import ModelArgs
+    a = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96)
+    gen = torch.Generator().manual_seed(0)
+    log_alpha = {k: torch.randn(v.shape, generator=gen) * 2 + 1 for k, v in nute.init_log_alpha(a, gen).items()}
+    torch.save({"log_alpha": log_alpha}, tmp_path / "checkpoint.pt")
+    z0 = {k: nute.deterministic_z(v) for k, v in log_alpha.items()}
+    save_file({**z0, "lora_scale": torch.tensor(1.0)}, str(tmp_path / "adapter.safetensors"))
+    s0 = experiments.sparsity(z0, a)
+    for target in (s0 - 0.1, s0 + 0.1):
+        z = experiments.at_target(tmp_path, target, a)
+        # at or just below the target: one more hidden dim (the finest unit, 1/64 of everything) would pass it
+        assert target - 1 / 64 < experiments.sparsity(z, a) <= target
+        for k, v in log_alpha.items():  # in every group the kept units are those with the largest log_alpha
+            rows, kept = v.reshape(-1, v.shape[-1]), z[k].reshape(-1, v.shape[-1]) > 0
+            for r, m in zip(rows, kept):
+                assert m.sum() == 0 or m.sum() == len(r) or r[m].min() > r[~m].max()
+            soft = torch.sigmoid(v / nute.BETA * 0.8)
+            assert torch.equal(z[k][z[k] > 0], soft[z[k] > 0])  # kept units keep their soft values
+    save_file({**z0, "z_hid": torch.ones(64), "lora_scale": torch.tensor(1.0)}, str(tmp_path / "adapter.safetensors"))
+    with pytest.raises(SystemExit, match="does not hold the masks"):
+        experiments.at_target(tmp_path, s0, a)
