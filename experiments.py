@@ -59,6 +59,18 @@ def at_target(run, target, a):
     return {**adapter, **masks(hi)}
 
 
+def teachers(run, model, ids, every=10):
+    """Markdown: held-out perplexity of the teacher snapshots a PKD run collected (every `every`-th and the
+    last), with the step each was taken at: how strong the teachers of the numerous-teacher schedule were."""
+    snaps = torch.load(run / "checkpoint.pt", weights_only=False)["snapshots"]
+    log = [json.loads(line) for line in open(run / "log.jsonl")]
+    lines, dev = ["| snapshot at sparsity | taken at step | held-out perplexity |", "|---|---|---|"], model.tok_embeddings.weight.device
+    for k in sorted({*sorted(snaps)[every - 1::every], *sorted(snaps)[-1:]}):
+        step = next(x["step"] for x in log if x["expected_sparsity"] >= k / 100 - 1e-6)
+        lines.append(f"| {k}% | {step} | {evaluate.perplexity(model, ids, 128, {n: v.to(dev) for n, v in snaps[k].items()}):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(rows, args, heldout):
     """The results table in the paper's layout, the settings, and per row: wall time and expected sparsity."""
     note = (f"Ratio: target (sparsity of the exported model's projections). {args.steps} steps x {args.batch_size} x "
@@ -113,7 +125,7 @@ def main():
     # then the learned-mask runs again, moved to exactly the target (they land near it, not on it)
     jobs += [(name + ", at target", folder + "-at-target", ratio, target, None) for name, folder, ratio, target, flags in jobs
              if target is not None and "--magnitude" not in flags]
-    rows, base = [], None  # base: the intact model's ModelArgs, read once when needed
+    rows, base = [], None  # base: the intact model's ModelArgs (sizes), read once when needed
     for name, folder, ratio, target, flags in jobs:
         run, log, result = out / folder, out / f"{folder}.log", out / f"{folder}.json"
         if not result.exists():
@@ -122,7 +134,7 @@ def main():
                 resume = ["--resume"] if (run / "checkpoint.pt").exists() else []
                 sh(["nute.py", *common, "--target", target, "--out", run, *flags, *resume], log)
             if target is not None and flags is None:  # an ", at target" row: new masks for the trained run
-                base = base or load(args.ckpt, torch.float32, "cpu")[0].args
+                base = base or load(args.ckpt, torch.bfloat16, "cpu")[0].args
                 trained = out / folder.removesuffix("-at-target")
                 adapter = at_target(trained, target, base)
                 run.mkdir(exist_ok=True)
@@ -136,7 +148,7 @@ def main():
             result.write_text(json.dumps(r, indent=1))
         r = json.loads(result.read_text())
         if target is not None and "sparsity" not in r:  # the masks land near the target, not on it
-            base = base or load(args.ckpt, torch.float32, "cpu")[0].args
+            base = base or load(args.ckpt, torch.bfloat16, "cpu")[0].args
             r["sparsity"] = sparsity(load_file(str(run / "adapter.safetensors")), base)
             result.write_text(json.dumps(r, indent=1))
         rows.append({**r["results"][0], "method": name, "ratio": ratio + (f" ({r['sparsity']:.1%})" if target else ""),
@@ -144,7 +156,14 @@ def main():
                      "log": {x["step"]: x for x in map(json.loads, open(run / "log.jsonl"))} if target else {}})
         (out / "table.md").write_text(report(rows, args, heldout))
         print(f"{ratio} {name}: done", flush=True)
-    print((out / "table.md").read_text())
+    teachers_md = out / "teachers.md"  # why PKD does (not) beat KD: how good were its teachers?
+    if not teachers_md.exists():
+        model, tok = load(args.ckpt, torch.bfloat16 if args.dtype == "bf16" else torch.float32,
+                          "cuda" if torch.cuda.is_available() else "cpu")
+        ids = evaluate.text_ids(tok, "\n\n".join(data.read_texts(heldout)))
+        teachers_md.write_text("".join(f"\nNutePrune {ratio}: {out / folder}\n\n" + teachers(out / folder, model, ids)
+                                       for name, folder, ratio, target, flags in jobs if name == "NutePrune"))
+    print((out / "table.md").read_text() + "\nTeachers of the NutePrune runs:\n" + teachers_md.read_text())
 
 if __name__ == "__main__":
     main()

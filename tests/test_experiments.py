@@ -58,3 +58,23 @@ def test_at_target_keeps_the_ranking_and_hits_the_target(tmp_path):
     save_file({**z0, "z_hid": torch.ones(64), "lora_scale": torch.tensor(1.0)}, str(tmp_path / "adapter.safetensors"))
     with pytest.raises(SystemExit, match="does not hold the masks"):
         experiments.at_target(tmp_path, s0, a)
+
+
+def test_teachers_table(tmp_path):
+    import torch
+    import evaluate
+    import experiments
+    from model import load
+    model, _ = load(make_tiny(tmp_path / "ckpt"))
+    a, ids = model.args, [i % model.args.vocab_size for i in range(4 * 128)]
+    identity = {"z_head": torch.ones(a.n_layers, a.n_heads), "z_int": torch.ones(a.n_layers, a.ffn_dim), "z_hid": torch.ones(a.dim)}
+    pruned = {**identity, "z_int": torch.zeros(a.n_layers, a.ffn_dim)}
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"snapshots": {1: identity, 2: pruned}}, run / "checkpoint.pt")
+    (run / "log.jsonl").write_text("".join(json.dumps({"step": i + 1, "expected_sparsity": s}) + "\n"
+                                           for i, s in enumerate([0.005, 0.012, 0.015, 0.021])))
+    rows = experiments.teachers(run, model, ids, every=1).splitlines()[2:]
+    assert rows == [f"| 1% | 2 | {evaluate.perplexity(model, ids):.2f} |",  # an identity snapshot is the intact model
+                    f"| 2% | 4 | {evaluate.perplexity(model, ids, adapter=pruned):.2f} |"]
+    assert rows[0] != rows[1]
