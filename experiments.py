@@ -5,7 +5,9 @@
         --lr-lambda 0.1 --layer-weight 0.9                                      # a GPU budget, reference losses
 
 Every row gets the same data, token budget and seed. Each finished run is kept in --out and skipped when
-the script runs again (an interrupted one resumes), and --out/table.md is rewritten after every row.
+the script runs again (an interrupted one resumes), and --out/table.md is rewritten after every row. The
+learned masks land near the target, not on it, so each such run is scored again with its masks moved to
+exactly the target ("at target"). --out/teachers.md: how strong the NutePrune runs' teacher snapshots were.
 """
 import argparse
 import json
@@ -64,10 +66,11 @@ def teachers(run, model, ids, every=10):
     last), with the step each was taken at: how strong the teachers of the numerous-teacher schedule were."""
     snaps = torch.load(run / "checkpoint.pt", weights_only=False)["snapshots"]
     log = [json.loads(line) for line in open(run / "log.jsonl")]
-    lines, dev = ["| snapshot at sparsity | taken at step | held-out perplexity |", "|---|---|---|"], model.tok_embeddings.weight.device
+    lines = ["| snapshot at sparsity | taken at step | held-out perplexity |", "|---|---|---|"]
     for k in sorted({*sorted(snaps)[every - 1::every], *sorted(snaps)[-1:]}):
         step = next(x["step"] for x in log if x["expected_sparsity"] >= k / 100 - 1e-6)
-        lines.append(f"| {k}% | {step} | {evaluate.perplexity(model, ids, 128, {n: v.to(dev) for n, v in snaps[k].items()}):.2f} |")
+        teacher = {n: v.to(model.tok_embeddings.weight.device) for n, v in snaps[k].items()}
+        lines.append(f"| {k}% | {step} | {evaluate.perplexity(model, ids, 128, teacher):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -128,6 +131,7 @@ def main():
     rows, base = [], None  # base: the intact model's ModelArgs (sizes), read once when needed
     for name, folder, ratio, target, flags in jobs:
         run, log, result = out / folder, out / f"{folder}.log", out / f"{folder}.json"
+        trained = out / folder.removesuffix("-at-target")  # the training run behind the row
         if not result.exists():
             t0 = time.time()
             if flags is not None and not (run / "adapter.safetensors").exists():
@@ -135,11 +139,8 @@ def main():
                 sh(["nute.py", *common, "--target", target, "--out", run, *flags, *resume], log)
             if target is not None and flags is None:  # an ", at target" row: new masks for the trained run
                 base = base or load(args.ckpt, torch.bfloat16, "cpu")[0].args
-                trained = out / folder.removesuffix("-at-target")
-                adapter = at_target(trained, target, base)
                 run.mkdir(exist_ok=True)
-                save_file(adapter, str(run / "adapter.safetensors"))
-                (run / "log.jsonl").write_text((trained / "log.jsonl").read_text())
+                save_file(at_target(trained, target, base), str(run / "adapter.safetensors"))
             train_s = time.time() - t0
             where = ["--ckpt", args.ckpt] + (["--run", run] if target is not None else [])
             sh(["evaluate.py", *where, *scoring, "--ratio", ratio, "--out", result], log)
@@ -153,7 +154,7 @@ def main():
             result.write_text(json.dumps(r, indent=1))
         rows.append({**r["results"][0], "method": name, "ratio": ratio + (f" ({r['sparsity']:.1%})" if target else ""),
                      "train_min": r["train_seconds"] / 60, "score_min": (r["row_seconds"] - r["train_seconds"]) / 60,
-                     "log": {x["step"]: x for x in map(json.loads, open(run / "log.jsonl"))} if target else {}})
+                     "log": {x["step"]: x for x in map(json.loads, open(trained / "log.jsonl"))} if target else {}})
         (out / "table.md").write_text(report(rows, args, heldout))
         print(f"{ratio} {name}: done", flush=True)
     teachers_md = out / "teachers.md"  # why PKD does (not) beat KD: how good were its teachers?
@@ -164,6 +165,7 @@ def main():
         teachers_md.write_text("".join(f"\nNutePrune {ratio}: {out / folder}\n\n" + teachers(out / folder, model, ids)
                                        for name, folder, ratio, target, flags in jobs if name == "NutePrune"))
     print((out / "table.md").read_text() + "\nTeachers of the NutePrune runs:\n" + teachers_md.read_text())
+
 
 if __name__ == "__main__":
     main()
