@@ -345,7 +345,8 @@ def main(argv=None):
         print(f"loading {path}" + (f" + {run}" if run else ""), file=sys.stderr)
         model, tok = load(path, dtype=dtype, device=args.device)
         adapter = nute.load_adapter(run, model) if run else None
-        name = Path(run or path).name if Path(run or path).name != "model" else Path(path).parent.name  # runs/x/model: x
+        where = Path(run or path)
+        name = where.parent.name if where.name == "model" else where.name  # an export runs/x/model is called x
         r = {"ckpt": path, "run": run, "method": name.removesuffix(".gguf"), "tasks": {}}
         if demo:  # no arguments: a quick look at the default model
             _, held = data.default_texts()  # Wikipedia documents never used for pruning

@@ -4,8 +4,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
+import evaluate
+import experiments
+import nute
 from conftest import ROOT, make_tiny
+from model import ModelArgs, load
 
 
 def test_experiments_smoke(tmp_path):
@@ -21,7 +27,7 @@ def test_experiments_smoke(tmp_path):
         assert name in table
     mag = json.loads((tmp_path / "res" / "magnitude-+-LoRA-30.json").read_text())
     assert mag["results"][0]["ppl"] > 1 and mag["results"][0]["ratio"] == "30%"
-    # magnitude pruning stops at the first unit past the target; the export counts what was really removed
+    # magnitude pruning stops at the first unit past the target; the Ratio cell shows what the masks remove
     assert 0.3 <= mag["sparsity"] < 0.4 and f"| 30% ({mag['sparsity']:.1%}) | magnitude + LoRA |" in table
     log = [json.loads(line) for line in open(tmp_path / "res" / "magnitude-+-LoRA-30" / "log.jsonl")]
     assert all(abs(r["expected_sparsity"] - mag["sparsity"]) < 1e-9 for r in log)  # Eq. 3 on fixed masks = the export
@@ -33,11 +39,6 @@ def test_experiments_smoke(tmp_path):
 
 
 def test_at_target_keeps_the_ranking_and_hits_the_target(tmp_path):
-    import torch
-    from safetensors.torch import save_file
-    import experiments
-    import nute
-    from model import ModelArgs
     a = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96)
     gen = torch.Generator().manual_seed(0)
     log_alpha = {k: torch.randn(v.shape, generator=gen) * 2 + 1 for k, v in nute.init_log_alpha(a, gen).items()}
@@ -61,10 +62,6 @@ def test_at_target_keeps_the_ranking_and_hits_the_target(tmp_path):
 
 
 def test_teachers_table(tmp_path):
-    import torch
-    import evaluate
-    import experiments
-    from model import load
     model, _ = load(make_tiny(tmp_path / "ckpt"))
     a, ids = model.args, [i % model.args.vocab_size for i in range(4 * 128)]
     identity = {"z_head": torch.ones(a.n_layers, a.n_heads), "z_int": torch.ones(a.n_layers, a.ffn_dim), "z_hid": torch.ones(a.dim)}
