@@ -198,9 +198,6 @@ def read_task(name, limit=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# A nute.py run: base checkpoint + the masks and LoRA in run/adapter.safetensors
-
-# ----------------------------------------------------------------------------------------------------
 # Latency (gpt-fast style): KV-cached greedy generation, timed with the device synchronized
 
 def disk_size(path):
@@ -261,9 +258,7 @@ def pruned_ratio(model, adapter=None, base_params=None):
     of projection weights missing against a base model (an export is physically smaller), else 0% if intact."""
     a = model.args
     if adapter is not None:
-        ones = {"z_head": (a.n_layers, a.n_heads), "z_int": (a.n_layers, a.ffn_dim), "z_hid": (a.dim,)}
-        masks = [(adapter[k].cpu() > 0).float() if k in adapter else torch.ones(n) for k, n in ones.items()]
-        return f"{1 - nute.expected_size(*masks, a).item() / nute.prunable_size(a):.0%}"
+        return f"{nute.mask_sparsity(adapter, a):.0%}"
     if base_params:
         return f"{1 - prunable_params(model) / base_params:.0%}"
     intact = all(len(h) == a.n_heads for h in a.kv_of_head) and all(f == a.ffn_dim for f in a.ffn_dims)

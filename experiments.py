@@ -39,25 +39,19 @@ def sh(cmd, log):
             sys.exit(f"error: {' '.join(map(str, cmd))} failed; see {log}")
 
 
-def sparsity(z, a):
-    """Eq. 3 with the binary masks: exactly the share of projection weights the export removes."""
-    return 1 - nute.expected_size(*((z[k] > 0).float() for k in nute.MASKS), a).item() / nute.prunable_size(a)
-
-
 def at_target(run, target, a):
     """A run's masks moved to exactly the target (post hoc, for a comparison at equal size): every log_alpha is
     shifted by one constant, found by bisection, so the ranking the run learned stays and only the number of
     pruned units moves; kept units keep their soft values. The LoRA was trained with the run's own masks."""
     log_alpha = torch.load(run / "checkpoint.pt", weights_only=False)["log_alpha"]
     adapter = load_file(str(run / "adapter.safetensors"))
-    masks = lambda shift: {k: torch.sigmoid(v.float() / nute.BETA * 0.8) * (nute.deterministic_z(v + shift) > 0)
-                           for k, v in log_alpha.items()}
+    masks = lambda shift: {k: nute.deterministic_z(v, shift) for k, v in log_alpha.items()}
     if any(not torch.allclose(z, adapter[k].float(), rtol=0, atol=1e-6) for k, z in masks(0.0).items()):
         raise SystemExit(f"error: {run}/checkpoint.pt does not hold the masks of its adapter.safetensors")
     lo, hi = -20.0, 20.0  # sparsity falls as the shift grows: keep hi on the side at or below the target
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if sparsity(masks(mid), a) > target else (lo, mid)
+        lo, hi = (mid, hi) if nute.mask_sparsity(masks(mid), a) > target else (lo, mid)
     return {**adapter, **masks(hi)}
 
 
@@ -128,7 +122,8 @@ def main():
     # then the learned-mask runs again, moved to exactly the target (they land near it, not on it)
     jobs += [(name + ", at target", folder + "-at-target", ratio, target, None) for name, folder, ratio, target, flags in jobs
              if target is not None and "--magnitude" not in flags]
-    rows, base = [], None  # base: the intact model's ModelArgs (sizes), read once when needed
+    base = load(args.ckpt, torch.bfloat16, "cpu")[0].args  # the intact model's sizes
+    rows = []
     for name, folder, ratio, target, flags in jobs:
         run, log, result = out / folder, out / f"{folder}.log", out / f"{folder}.json"
         trained = out / folder.removesuffix("-at-target")  # the training run behind the row
@@ -138,7 +133,6 @@ def main():
                 resume = ["--resume"] if (run / "checkpoint.pt").exists() else []
                 sh(["nute.py", *common, "--target", target, "--out", run, *flags, *resume], log)
             if target is not None and flags is None:  # an ", at target" row: new masks for the trained run
-                base = base or load(args.ckpt, torch.bfloat16, "cpu")[0].args
                 run.mkdir(exist_ok=True)
                 save_file(at_target(trained, target, base), str(run / "adapter.safetensors"))
             train_s = time.time() - t0
@@ -149,8 +143,7 @@ def main():
             result.write_text(json.dumps(r, indent=1))
         r = json.loads(result.read_text())
         if target is not None and "sparsity" not in r:  # the masks land near the target, not on it
-            base = base or load(args.ckpt, torch.bfloat16, "cpu")[0].args
-            r["sparsity"] = sparsity(load_file(str(run / "adapter.safetensors")), base)
+            r["sparsity"] = nute.mask_sparsity(load_file(str(run / "adapter.safetensors")), base)
             result.write_text(json.dumps(r, indent=1))
         rows.append({**r["results"][0], "method": name, "ratio": ratio + (f" ({r['sparsity']:.1%})" if target else ""),
                      "train_min": r["train_seconds"] / 60, "score_min": (r["row_seconds"] - r["train_seconds"]) / 60,

@@ -53,13 +53,14 @@ def keep_prob(log_alpha):
 
 
 @torch.no_grad()
-def deterministic_z(log_alpha):
+def deterministic_z(log_alpha, shift=0.0):
     """Eval/export mask: zero the round(N - sum P(keep)) units with the smallest log_alpha (per layer for
-    heads and FFN units, over all dims for hidden); the rest keep the soft value sigmoid(0.8 log_alpha / beta)."""
+    heads and FFN units, over all dims for hidden); the rest keep the soft value sigmoid(0.8 log_alpha / beta).
+    shift (not in the reference) counts P(keep) at log_alpha + shift: more or fewer units, the same ranking."""
     rows = log_alpha.reshape(-1, log_alpha.shape[-1]).float()
     z = torch.sigmoid(rows / BETA * 0.8)
     for r in range(rows.shape[0]):
-        n_zero = round(rows.shape[1] - keep_prob(rows[r]).sum().item())
+        n_zero = round(rows.shape[1] - keep_prob(rows[r] + shift).sum().item())
         if n_zero > 0:
             z[r, rows[r].topk(n_zero, largest=False).indices] = 0
     return z.reshape(log_alpha.shape)
@@ -84,6 +85,14 @@ def expected_size(p_head, p_int, p_hid, args):
 def expected_sparsity(log_alpha, args):
     p = {k: keep_prob(v) for k, v in log_alpha.items()}
     return 1 - expected_size(p["z_head"], p["z_int"], p["z_hid"], args) / prunable_size(args)
+
+
+def mask_sparsity(z, args):
+    """Eq. 3 on binary masks (an absent mask keeps everything): exactly the share of the projection
+    weights that an export removes."""
+    shapes = {"z_head": (args.n_layers, args.n_heads), "z_int": (args.n_layers, args.ffn_dim), "z_hid": (args.dim,)}
+    kept = [(z[k].cpu() > 0).float() if k in z else torch.ones(shapes[k]) for k in MASKS]
+    return 1 - expected_size(*kept, args).item() / prunable_size(args)
 
 
 @torch.no_grad()
@@ -289,7 +298,7 @@ def train(args):
     else:
         fixed, log_alpha = {}, init_log_alpha(ma, gen)
         lora = {} if args.masks_only else init_lora(model, args.lora_targets.split(","), args.lora_rank, gen)
-    s_fixed = 1 - expected_size(*((fixed[k] > 0).float() for k in MASKS), ma).item() / prunable_size(ma) if fixed else 0.0
+    s_fixed = mask_sparsity(fixed, ma) if fixed else 0.0
     lora_scale = args.lora_alpha / args.lora_rank
     for group in (log_alpha, lora):
         for k in group:
@@ -413,9 +422,8 @@ def structure_table(adapter, args):
     """The pruned structure in the layout of the paper's Tables 16-17."""
     heads = (adapter["z_head"] > 0).sum(1).tolist()
     ffn = (adapter["z_int"] > 0).sum(1).tolist()
-    size = expected_size(*((adapter[k] > 0).float() for k in MASKS), args).item()
     lines = [f"Hidden dim: {int((adapter['z_hid'] > 0).sum())} of {args.dim}; "
-             f"sparsity of the prunable weights: {1 - size / prunable_size(args):.4f}", "",
+             f"sparsity of the prunable weights: {mask_sparsity(adapter, args):.4f}", "",
              "| Layer | " + " | ".join(str(i) for i in range(args.n_layers)) + " |",
              "|---" * (args.n_layers + 1) + "|",
              f"| Head (of {args.n_heads}) | " + " | ".join(map(str, heads)) + " |",

@@ -45,11 +45,11 @@ def test_at_target_keeps_the_ranking_and_hits_the_target(tmp_path):
     torch.save({"log_alpha": log_alpha}, tmp_path / "checkpoint.pt")
     z0 = {k: nute.deterministic_z(v) for k, v in log_alpha.items()}
     save_file({**z0, "lora_scale": torch.tensor(1.0)}, str(tmp_path / "adapter.safetensors"))
-    s0 = experiments.sparsity(z0, a)
+    s0 = nute.mask_sparsity(z0, a)
     for target in (s0 - 0.1, s0 + 0.1):
         z = experiments.at_target(tmp_path, target, a)
         # at or just below the target: one more hidden dim (the finest unit, 1/64 of everything) would pass it
-        assert target - 1 / 64 < experiments.sparsity(z, a) <= target
+        assert target - 1 / 64 < nute.mask_sparsity(z, a) <= target
         for k, v in log_alpha.items():  # in every group the kept units are those with the largest log_alpha
             rows, kept = v.reshape(-1, v.shape[-1]), z[k].reshape(-1, v.shape[-1]) > 0
             for r, m in zip(rows, kept):
