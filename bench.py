@@ -19,6 +19,7 @@ import data
 import evaluate
 import model
 import nute
+from checkpoint import load
 
 
 def timed(fn, repeat):
@@ -35,8 +36,8 @@ def bench_model(args):
     print("| dtype | forward tokens/s (4 x 128) | decode tokens/s, KV cache | decode tokens/s, no cache | speed-up |")
     print("|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
-        m, _ = model.load(args.ckpt, dtype=dtype)
-        x = torch.randint(0, m.args.vocab_size, (4, 128))
+        m, _ = load(args.ckpt, dtype=dtype)
+        x = torch.randint(0, m.config.vocab_size, (4, 128))
         with torch.no_grad():
             fwd = x.numel() / timed(lambda: m(x), 3)
         prompt, n = list(range(100, 164)), 64  # 64-token prompt, 64 new tokens
@@ -58,26 +59,24 @@ TABLE9 = {"no KD": ["--distill", "none"], "KD": ["--distill", "kd", "--layer-wei
 def one_config(args):
     """Runs in a child process, so its peak memory is its own: a few training steps of one configuration.
     PKD is measured with a full teacher queue (0.01 .. target - 0.01) so its teacher is a real snapshot."""
-    m, tok = model.load(args.ckpt, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    m, tok = load(args.ckpt, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     a = nute.get_args(["--ckpt", args.ckpt, "--dtype", args.dtype, *TABLE9[args.one]])
     g = torch.Generator().manual_seed(0)
-    log_alpha = {k: v.requires_grad_(True) for k, v in nute.init_log_alpha(m.args, g).items()}
+    log_alpha = {k: v.requires_grad_(True) for k, v in nute.init_log_alpha(m.config, g).items()}
     lora = {k: v.requires_grad_(True) for k, v in nute.init_lora(m, a.lora_targets.split(","), a.lora_rank, g).items()}
-    lambdas = torch.zeros(2, requires_grad=True)
+    student, lambdas = nute.Student(log_alpha, lora, 1.0, {}), torch.zeros(2, requires_grad=True)
     opt = torch.optim.AdamW([*log_alpha.values(), *lora.values()], lr=1e-3)
     queue = nute.TeacherQueue()
     for k in range(1, round(a.target / a.interval)):
-        queue.maybe_snapshot(k * a.interval, a.target, log_alpha, lora, 1.0)
+        queue.maybe_snapshot(k * a.interval, a.target, student)
     teacher_key = max(queue.snapshots) if a.distill == "pkd" else None
-    x = torch.randint(0, m.args.vocab_size, (a.batch_size, a.seq_len), generator=g)
+    x = torch.randint(0, m.config.vocab_size, (a.batch_size, a.seq_len), generator=g)
     mask = torch.ones(x.shape)
 
     def step():
-        z = {k: nute.sample_z(v, g) for k, v in log_alpha.items()}
-        student = {**z, **lora, "lora_scale": 1.0}
         teacher = None if teacher_key is None else queue.snapshots[teacher_key]
-        nute.micro_step(m, x, mask, student, teacher, a.distill != "none", a)
-        nute.lagrangian(nute.expected_sparsity(log_alpha, m.args), 0.1, lambdas).backward()
+        nute.micro_step(m, x, mask, student.adapter(g), teacher, a.distill != "none", a)
+        nute.lagrangian(nute.expected_sparsity(log_alpha, m.config), 0.1, lambdas).backward()
         opt.step()
         opt.zero_grad()
 
@@ -103,22 +102,22 @@ def bench_train(args):
         print(f"| {name} | {r['sec']:.2f} | {r['sec'] / kd['sec']:.3f} | {r['peak_gb']:.2f} | {r['peak_gb'] / kd['peak_gb']:.3f} |")
     r = rows["PKD"]
     print(f"\nTeacher queue on the CPU: {r['snapshots']} snapshots, {r['queue_mb']:.1f} MB")
-    l7 = model.ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, ffn_dim=11008)
+    l7 = model.ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, ffn_dim=11008)
     per = 4 * (l7.n_layers * (l7.n_heads + l7.ffn_dim) + l7.dim + l7.n_layers * 2 * 8 * (2 * l7.dim))  # fp32 masks + q,v LoRA r=8
     print(f"LLaMA-7B, same queue layout: {per / 2**20:.2f} MB a snapshot; 49 snapshots (target 0.5) "
           f"{49 * per / 2**20:.0f} MB (paper Table 13: ~728 MB)")
 
 
-def structured_masks(args, target):
+def structured_masks(config, target):
     """Binary masks at a given sparsity, for timing only: the first heads and FFN units of every layer."""
-    keep_heads = max(1, round(args.n_heads * (1 - target)))
-    z_head = torch.zeros(args.n_layers, args.n_heads)
+    keep_heads = max(1, round(config.n_heads * (1 - target)))
+    z_head = torch.zeros(config.n_layers, config.n_heads)
     z_head[:, :keep_heads] = 1
-    z_hid = torch.ones(args.dim)
-    attn = nute.expected_size(z_head, torch.zeros(args.n_layers, args.ffn_dim), z_hid, args)
-    ffn = round(((1 - target) * nute.prunable_size(args) - attn.item()) / (3 * args.dim * args.n_layers))
-    z_int = torch.zeros(args.n_layers, args.ffn_dim)
-    z_int[:, :max(0, min(args.ffn_dim, ffn))] = 1
+    z_hid = torch.ones(config.dim)
+    attn = model.expected_size(z_head, torch.zeros(config.n_layers, config.ffn_dim), z_hid, config)
+    ffn = round(((1 - target) * model.prunable_size(config) - attn.item()) / (3 * config.dim * config.n_layers))
+    z_int = torch.zeros(config.n_layers, config.ffn_dim)
+    z_int[:, :max(0, min(config.ffn_dim, ffn))] = 1
     return {"z_head": z_head, "z_int": z_int, "z_hid": z_hid}
 
 
@@ -139,8 +138,8 @@ def bench_export(args):
     print("| dtype | model | params | weight MB read / token | decode tokens/s | ms / token | GB/s | speed-up | limit (bytes ratio) | of limit |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
-        dense, _ = model.load(args.ckpt, dtype=dtype)
-        models = {"dense": dense, **{f"{t:.0%} pruned": model.slice_model(dense, structured_masks(dense.args, t))
+        dense, _ = load(args.ckpt, dtype=dtype)
+        models = {"dense": dense, **{f"{t:.0%} pruned": model.slice_model(dense, structured_masks(dense.config, t))
                                       for t in (0.2, 0.5)}}
         # Interleaved rounds, median per model: this machine's speed drifts, and drift must not look like a ratio.
         speeds = {name: [] for name in models}
@@ -162,7 +161,7 @@ def bench_eval(args):
     print("| dtype | batched examples/s | one request per forward, examples/s | speed-up |")
     print("|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
-        m, tok = model.load(args.ckpt, dtype=dtype)
+        m, tok = load(args.ckpt, dtype=dtype)
         batched = len(docs) / timed(lambda: evaluate.evaluate_task(m, tok, "arc_easy", docs, batch_size=32), 1)
         requests = [evaluate.encode_pair(tok, c, x) for d in docs
                     for c, x in zip(*evaluate.make_example("arc_easy", d)[:2])]

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import nute
-from model import LoadError, generate, load
+from checkpoint import LoadError, load, load_adapter
+from model import decode_one_token, generate, mask_sparsity, prefill
 
 TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 # the paper's table: column name and the metric LLM-Pruner's convention reports in it
@@ -143,10 +143,7 @@ def score_requests(model, requests, adapter=None, batch_size=32, desc="scoring")
         model.setup_cache(len(rows), Lc + T)
         # [G, Lc, V] -> [N, 1, V]: the last context position predicts each continuation's first token
         logits = model(torch.tensor(batch, device=device), adapter, start_pos=0)[:, -1:][parent]
-        for layer in model.layers:  # each choice continues its own copy of its context's keys and values
-            a = layer.attention
-            if a is not None:
-                a.cache_k[:len(rows)], a.cache_v[:len(rows)] = a.cache_k[parent], a.cache_v[parent]
+        model.reorder_cache(parent)  # each choice continues its own copy of its context's keys and values
         target = torch.tensor([c + [0] * (T - len(c)) for c in conts], device=device)  # [N, T]
         if T > 1:  # padding sits after each continuation's tokens, so causal attention keeps it out of them
             logits = torch.cat([logits, model(target[:, :-1], adapter, start_pos=Lc)], dim=1)  # [N, T, V]
@@ -161,7 +158,7 @@ def evaluate_task(model, tok, task, docs, adapter=None, batch_size=32):
     """-> {"acc", "acc_norm", their standard errors, "n"} for one task's documents."""
     examples = [make_example(task, d) for d in docs]
     prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
-    max_len = model.args.max_seq_len
+    max_len = model.config.max_seq_len
     requests = []
     for contexts, conts, _, _ in examples:
         for context, cont in zip(contexts, conts):
@@ -217,22 +214,21 @@ def timed_generation(model, prompt, new_tokens, adapter=None):
     model.setup_cache(1, len(prompt) + new_tokens)
     sync(device)
     t0 = time.perf_counter()
-    logits = model(torch.tensor([prompt], device=device), adapter, start_pos=0)  # prefill
-    nxt = logits[:, -1:].argmax(-1)  # [1, 1], stays on the device: no sync per token
+    nxt = prefill(model, torch.tensor([prompt], device=device), adapter).argmax(-1, keepdim=True)  # [1, 1]
     sync(device)
     t1 = time.perf_counter()
-    for i in range(new_tokens - 1):  # decode: one token per forward
-        nxt = model(nxt, adapter, start_pos=len(prompt) + i)[:, -1:].argmax(-1)
+    for i in range(new_tokens - 1):  # the token stays on the device: no sync per token
+        nxt = decode_one_token(model, nxt, len(prompt) + i, adapter).argmax(-1, keepdim=True)
     sync(device)
     return t1 - t0, time.perf_counter() - t1
 
 
 def latency(model, prompt_len=64, gen_len=256, adapter=None, runs=5, warmup=2, seed=0):
     """Median prefill time and decode speed of generating from a prompt_len-token prompt to gen_len tokens."""
-    if not 0 < prompt_len < gen_len - 1 < model.args.max_seq_len:  # at least 2 new tokens: 1 is decoded
-        raise ValueError(f"need 0 < --prompt-len < --gen-len - 1, --gen-len <= {model.args.max_seq_len}")
+    if not 0 < prompt_len < gen_len - 1 < model.config.max_seq_len:  # at least 2 new tokens: 1 is decoded
+        raise ValueError(f"need 0 < --prompt-len < --gen-len - 1, --gen-len <= {model.config.max_seq_len}")
     g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(model.args.vocab_size, (prompt_len,), generator=g).tolist()  # content does not matter
+    prompt = torch.randint(model.config.vocab_size, (prompt_len,), generator=g).tolist()  # content does not matter
     for _ in range(warmup):
         timed_generation(model, prompt, gen_len - prompt_len, adapter)
     times = [timed_generation(model, prompt, gen_len - prompt_len, adapter) for _ in range(runs)]
@@ -256,12 +252,12 @@ def prunable_params(model):
 def pruned_ratio(model, adapter=None, base_params=None):
     """The table's Ratio: a run's sparsity from its binary masks (counted as nute.py counts it), else the fraction
     of projection weights missing against a base model (an export is physically smaller), else 0% if intact."""
-    a = model.args
+    c = model.config
     if adapter is not None:
-        return f"{nute.mask_sparsity(adapter, a):.0%}"
+        return f"{mask_sparsity(adapter, c):.0%}"
     if base_params:
         return f"{1 - prunable_params(model) / base_params:.0%}"
-    intact = all(len(h) == a.n_heads for h in a.kv_of_head) and all(f == a.ffn_dim for f in a.ffn_dims)
+    intact = all(len(h) == c.n_heads for h in c.kv_of_head) and all(f == c.ffn_dim for f in c.ffn_dims)
     return "0%" if intact else "-"
 
 
@@ -279,6 +275,20 @@ def table(results, ppl_name="WikiText2"):
     return "\n".join(lines)
 
 
+def structure_table(adapter, config):
+    """The pruned structure in the layout of the paper's Tables 16-17."""
+    c = config
+    heads = (adapter["z_head"] > 0).sum(1).tolist()
+    ffn = (adapter["z_int"] > 0).sum(1).tolist()
+    lines = [f"Hidden dim: {int((adapter['z_hid'] > 0).sum())} of {c.dim}; "
+             f"sparsity of the prunable weights: {mask_sparsity(adapter, c):.4f}", "",
+             "| Layer | " + " | ".join(str(i) for i in range(c.n_layers)) + " |",
+             "|---" * (c.n_layers + 1) + "|",
+             f"| Head (of {c.n_heads}) | " + " | ".join(map(str, heads)) + " |",
+             f"| Intermediate dim (of {c.ffn_dim}) | " + " | ".join(map(str, ffn)) + " |"]
+    return "\n".join(lines) + "\n"
+
+
 def latency_table(results):
     rows = [("parameters (M)", "params", 1e-6), ("size on disk (MB)", "disk_bytes", 1e-6),
             ("prefill (ms)", "prefill_ms", 1), ("decode (tokens/s)", "decode_tok_s", 1),
@@ -294,7 +304,7 @@ def latency_table(results):
 
 # ----------------------------------------------------------------------------------------------------
 
-def main(argv=None):
+def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="a .gguf file or checkpoint folder (default: the run's base, else SmolLM2-135M)")
     p.add_argument("--run", help="a nute.py run folder: evaluate --ckpt masked by its adapter.safetensors")
@@ -308,69 +318,88 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--gen-len", type=int, default=256, help="total length: prompt + generated tokens")
     p.add_argument("--runs", type=int, default=5, help="timed runs for --latency (the median is reported)")
-    # bf16 = weights in bf16, like the harness's dtype=bfloat16. On this 2-core CPU (SmolLM2, 50-200 examples of
-    # 6 tasks): 2.4-3.2x faster than fp32 scoring, 94-99% of answers unchanged, accuracies within +-2.5 points;
-    # autocast over fp32 weights was a bit closer (95-99%) and ~15% slower. Report final numbers in fp32.
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: weights in bf16, like the "
+                   "harness's dtype=bfloat16 (faster; README has how close it is)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ratio", default="", help="the Ratio cell of the first model (default: from masks / sizes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --latency prompt")
     p.add_argument("--out", help="JSON with every number (default: RUN/eval.json or ./eval.json)")
     args = p.parse_args(argv)
     # check everything cheap before loading anything
-    tasks = parse_tasks(args.tasks) if args.tasks else []
+    args.tasks = parse_tasks(args.tasks) if args.tasks else []
     if args.ppl and not os.path.exists(args.ppl):
         raise ValueError(f"{args.ppl}: file not found")
     if args.limit is not None and args.limit < 1 or args.batch_size < 1 or args.seq_len < 2:
         raise ValueError("--limit and --batch-size must be >= 1, --seq-len >= 2")
-    docs = {t: read_task(t, args.limit) for t in tasks}
-    demo = not (args.ppl or tasks or args.latency)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.ckpt is None and args.run and os.path.exists(os.path.join(args.run, "settings.json")):
         with open(os.path.join(args.run, "settings.json")) as f:
             args.ckpt = json.load(f).get("ckpt")  # the base checkpoint nute.py pruned
     if args.ckpt is None:
         args.ckpt = str(data.default_model_path())
+        demo = not (args.ppl or args.tasks or args.latency)
         if not os.path.exists(args.ckpt) or demo and not data.text_path("wiki").exists():
             data.fetch()
+    return args
 
+
+def demo(model, tok, adapter, args):
+    """No task given: a quick look at a model, perplexity on a fixed slice of held-out text and a sample."""
+    _, held = data.default_texts()  # Wikipedia documents never used for pruning
+    ids = text_ids(tok, "\n\n".join(held)[:60_000])[:8192]  # a fixed slice: the first 8192 tokens
+    ppl = perplexity(model, ids, args.seq_len, adapter, args.batch_size)
+    print(f"perplexity, {len(ids) // args.seq_len} x {args.seq_len} held-out Wikipedia tokens: {ppl:.2f}")
+    prompt = "The capital of France is"
+    print(prompt + tok.decode(generate(model, tok.encode(prompt), 16, adapter, eos_id=tok.eos_id)))
+
+
+def evaluate_model(model, tok, adapter, docs, path, args):
+    """Every number asked for, of one model -> its result dict (without the method name and ratio)."""
+    t0, r = time.time(), {"tasks": {}}
+    if args.ppl:
+        r["ppl"] = perplexity(model, text_ids(tok, "\n\n".join(data.read_texts(args.ppl))), args.seq_len,
+                              adapter, args.batch_size)
+    for t in args.tasks:
+        r["tasks"][t] = evaluate_task(model, tok, t, docs[t], adapter, args.batch_size)
+        print(f"{path} {t}: acc {r['tasks'][t]['acc']:.4f} acc_norm {r['tasks'][t]['acc_norm']:.4f} "
+              f"({r['tasks'][t]['n']} examples)", file=sys.stderr)
+    if args.latency:
+        r["latency"] = latency(model, args.prompt_len, args.gen_len, adapter, args.runs, seed=args.seed)
+        r["latency"]["disk_bytes"] = disk_size(path)
+    r["seconds"] = time.time() - t0
+    r["prunable_params"] = prunable_params(model)
+    return r
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise ValueError(f"--out {args.out}: its folder does not exist")
+    docs = {t: read_task(t, args.limit) for t in args.tasks}
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     results = []
     for i, path in enumerate([args.ckpt] + args.compare):
         run = args.run if i == 0 else None
         print(f"loading {path}" + (f" + {run}" if run else ""), file=sys.stderr)
         model, tok = load(path, dtype=dtype, device=args.device)
-        adapter = nute.load_adapter(run, model) if run else None
+        adapter = load_adapter(run, model) if run else None
+        if not (args.ppl or args.tasks or args.latency):
+            demo(model, tok, adapter, args)
+            continue
         where = Path(run or path)
         name = where.parent.name if where.name == "model" else where.name  # an export runs/x/model is called x
-        r = {"ckpt": path, "run": run, "method": name.removesuffix(".gguf"), "tasks": {}}
-        if demo:  # no arguments: a quick look at the default model
-            _, held = data.default_texts()  # Wikipedia documents never used for pruning
-            ids = text_ids(tok, "\n\n".join(held)[:60_000])[:8192]  # a fixed slice: the first 8192 tokens
-            ppl = perplexity(model, ids, args.seq_len, adapter, args.batch_size)
-            print(f"perplexity, {len(ids) // args.seq_len} x {args.seq_len} held-out Wikipedia tokens: {ppl:.2f}")
-            prompt = "The capital of France is"
-            print(prompt + tok.decode(generate(model, tok.encode(prompt), 16, adapter, eos_id=tok.eos_id)))
-            continue
-        t0 = time.time()
-        if args.ppl:
-            r["ppl"] = perplexity(model, text_ids(tok, "\n\n".join(data.read_texts(args.ppl))), args.seq_len,
-                                  adapter, args.batch_size)
-        for t in tasks:
-            r["tasks"][t] = evaluate_task(model, tok, t, docs[t], adapter, args.batch_size)
-            print(f"{r['method']} {t}: acc {r['tasks'][t]['acc']:.4f} acc_norm {r['tasks'][t]['acc_norm']:.4f} "
-                  f"({r['tasks'][t]['n']} examples)", file=sys.stderr)
-        if args.latency:
-            r["latency"] = latency(model, args.prompt_len, args.gen_len, adapter, args.runs, seed=args.seed)
-            r["latency"]["disk_bytes"] = disk_size(path)
-        r["seconds"] = time.time() - t0
-        r["prunable_params"] = prunable_params(model)
+        r = {"ckpt": path, "run": run, "method": name.removesuffix(".gguf"),
+             **evaluate_model(model, tok, adapter, docs, path, args)}
         r["ratio"] = args.ratio if i == 0 and args.ratio else \
             pruned_ratio(model, adapter, results[0]["prunable_params"] if results else None)
         results.append(r)
         del model
-    if demo:
-        return
-    if args.ppl or tasks:
+    if results:
+        report(results, args)
+
+
+def report(results, args):
+    """Prints the tables and writes every number as JSON."""
+    if args.ppl or args.tasks:
         print(table(results, Path(args.ppl).name if args.ppl else "PPL"))
         notes = [f"perplexity: seq_len {args.seq_len}, {args.ppl}"] if args.ppl else []
         notes += [f"tasks: the first {args.limit} examples of each"] if args.limit else []

@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import data
 import evaluate
 import nute
-from model import load
+from checkpoint import load, save_adapter
+from model import mask_sparsity
 
 ROWS = {  # name in the table -> nute.py flags (NutePrune is the default: PKD, masks + LoRA)
     "NutePrune": [],
@@ -39,7 +40,7 @@ def sh(cmd, log):
             sys.exit(f"error: {' '.join(map(str, cmd))} failed; see {log}")
 
 
-def at_target(run, target, a):
+def at_target(run, target, config):
     """A run's masks moved to exactly the target (post hoc, for a comparison at equal size): every log_alpha is
     shifted by one constant, found by bisection, so the ranking the run learned stays and only the number of
     pruned units moves; kept units keep their soft values. The LoRA was trained with the run's own masks."""
@@ -51,7 +52,7 @@ def at_target(run, target, a):
     lo, hi = -20.0, 20.0  # sparsity falls as the shift grows: keep hi on the side at or below the target
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if nute.mask_sparsity(masks(mid), a) > target else (lo, mid)
+        lo, hi = (mid, hi) if mask_sparsity(masks(mid), config) > target else (lo, mid)
     return {**adapter, **masks(hi)}
 
 
@@ -82,7 +83,7 @@ def report(rows, args, heldout):
             + "\n\nWall time and expected sparsity (Eq. 3) during training:\n\n" + "\n".join(lines) + "\n")
 
 
-def main():
+def get_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="default: the fetched SmolLM2-135M")
     p.add_argument("--targets", default="0.2,0.5")
@@ -97,7 +98,52 @@ def main():
     p.add_argument("--lr-lambda", type=float, default=10.0, help="as nute.py's embedded short schedule")
     p.add_argument("--layer-weight", type=float, default=0.0, help="as nute.py's embedded short schedule")
     p.add_argument("--out", default="results")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def make_jobs(args):
+    """-> [(name, folder, ratio, target, nute.py flags)]: dense, every row at every target, then the
+    learned-mask runs again moved to exactly the target (flags None: they reuse the trained run)."""
+    folder_of = lambda name, ratio: name.split(" (")[0].replace(" ", "-").replace(",", "") + f"-{ratio[:-1]}"
+    jobs = [("dense", "dense", "0%", None, None)]
+    jobs += [(name, folder_of(name, f"{float(t):.0%}"), f"{float(t):.0%}", float(t), flags)
+             for t in args.targets.split(",") for name, flags in ROWS.items()]
+    jobs += [(name + ", at target", folder + "-at-target", ratio, target, None) for name, folder, ratio, target, flags in jobs
+             if target is not None and "--magnitude" not in flags]
+    return jobs
+
+
+def run_job(job, args, common, scoring, base):
+    """Trains (or resumes) and scores one row unless its result exists -> the row for the table."""
+    name, folder, ratio, target, flags = job
+    out = Path(args.out)
+    run, log, result = out / folder, out / f"{folder}.log", out / f"{folder}.json"
+    trained = out / folder.removesuffix("-at-target")  # the training run behind the row
+    if not result.exists():
+        t0 = time.time()
+        if flags is not None and not (run / "adapter.safetensors").exists():
+            resume = ["--resume"] if (run / "checkpoint.pt").exists() else []
+            sh(["nute.py", *common, "--target", target, "--out", run, *flags, *resume], log)
+        if target is not None and flags is None:  # an ", at target" row: new masks for the trained run
+            run.mkdir(exist_ok=True)
+            save_adapter(at_target(trained, target, base), run)
+        train_s = time.time() - t0
+        where = ["--ckpt", args.ckpt] + (["--run", run] if target is not None else [])
+        sh(["evaluate.py", *where, *scoring, "--ratio", ratio, "--out", result], log)
+        r = json.loads(result.read_text())
+        r["train_seconds"], r["row_seconds"] = train_s, time.time() - t0
+        result.write_text(json.dumps(r, indent=1))
+    r = json.loads(result.read_text())
+    if target is not None and "sparsity" not in r:  # the masks land near the target, not on it
+        r["sparsity"] = mask_sparsity(load_file(str(run / "adapter.safetensors")), base)
+        result.write_text(json.dumps(r, indent=1))
+    return {**r["results"][0], "method": name, "ratio": ratio + (f" ({r['sparsity']:.1%})" if target else ""),
+            "train_min": r["train_seconds"] / 60, "score_min": (r["row_seconds"] - r["train_seconds"]) / 60,
+            "log": {x["step"]: x for x in map(json.loads, open(trained / "log.jsonl"))} if target else {}}
+
+
+def main():
+    args = get_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.ckpt is None:
@@ -114,42 +160,12 @@ def main():
     scoring = ["--ppl", heldout, "--dtype", args.dtype]
     scoring += ["--tasks", args.tasks] if args.tasks != "none" else []
     scoring += ["--limit", args.limit] if args.limit else []
-
-    folder_of = lambda name, ratio: name.split(" (")[0].replace(" ", "-").replace(",", "") + f"-{ratio[:-1]}"
-    jobs = [("dense", "dense", "0%", None, None)]  # (name, folder, ratio, target, nute.py flags)
-    jobs += [(name, folder_of(name, f"{float(t):.0%}"), f"{float(t):.0%}", float(t), flags)
-             for t in args.targets.split(",") for name, flags in ROWS.items()]
-    # then the learned-mask runs again, moved to exactly the target (they land near it, not on it)
-    jobs += [(name + ", at target", folder + "-at-target", ratio, target, None) for name, folder, ratio, target, flags in jobs
-             if target is not None and "--magnitude" not in flags]
-    base = load(args.ckpt, torch.bfloat16, "cpu")[0].args  # the intact model's sizes
-    rows = []
-    for name, folder, ratio, target, flags in jobs:
-        run, log, result = out / folder, out / f"{folder}.log", out / f"{folder}.json"
-        trained = out / folder.removesuffix("-at-target")  # the training run behind the row
-        if not result.exists():
-            t0 = time.time()
-            if flags is not None and not (run / "adapter.safetensors").exists():
-                resume = ["--resume"] if (run / "checkpoint.pt").exists() else []
-                sh(["nute.py", *common, "--target", target, "--out", run, *flags, *resume], log)
-            if target is not None and flags is None:  # an ", at target" row: new masks for the trained run
-                run.mkdir(exist_ok=True)
-                save_file(at_target(trained, target, base), str(run / "adapter.safetensors"))
-            train_s = time.time() - t0
-            where = ["--ckpt", args.ckpt] + (["--run", run] if target is not None else [])
-            sh(["evaluate.py", *where, *scoring, "--ratio", ratio, "--out", result], log)
-            r = json.loads(result.read_text())
-            r["train_seconds"], r["row_seconds"] = train_s, time.time() - t0
-            result.write_text(json.dumps(r, indent=1))
-        r = json.loads(result.read_text())
-        if target is not None and "sparsity" not in r:  # the masks land near the target, not on it
-            r["sparsity"] = nute.mask_sparsity(load_file(str(run / "adapter.safetensors")), base)
-            result.write_text(json.dumps(r, indent=1))
-        rows.append({**r["results"][0], "method": name, "ratio": ratio + (f" ({r['sparsity']:.1%})" if target else ""),
-                     "train_min": r["train_seconds"] / 60, "score_min": (r["row_seconds"] - r["train_seconds"]) / 60,
-                     "log": {x["step"]: x for x in map(json.loads, open(trained / "log.jsonl"))} if target else {}})
+    base = load(args.ckpt, torch.bfloat16, "cpu")[0].config  # the intact model's sizes
+    jobs, rows = make_jobs(args), []
+    for job in jobs:
+        rows.append(run_job(job, args, common, scoring, base))
         (out / "table.md").write_text(report(rows, args, heldout))
-        print(f"{ratio} {name}: done", flush=True)
+        print(f"{job[2]} {job[0]}: done", flush=True)
     teachers_md = out / "teachers.md"  # why PKD does (not) beat KD: how good were its teachers?
     if not teachers_md.exists():
         model, tok = load(args.ckpt, torch.bfloat16 if args.dtype == "bf16" else torch.float32,

@@ -9,35 +9,35 @@ One intact model is loaded. The student is that model with learnable masks + LoR
 same model with a frozen snapshot of earlier masks + LoRA (a few MB, kept on the CPU). Paper Sec. 3.
 """
 import argparse
-import functools
 import json
 import math
 import os
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import baselines
 import data
-from model import LoadError, load, save, slice_model
+import evaluate
+from checkpoint import LoadError, load, load_adapter, save, save_adapter
+from model import LORA_TARGETS, MASKS, expected_size, mask_shapes, mask_sparsity, prunable_size, slice_model
 
 # ----------------------------------------------------------------------------------------------------
 # Hard-concrete L0 masks (Louizos et al. 2017; paper Appendix A, Eq. 10)
 
 LIMIT_L, LIMIT_R, BETA, EPS = -0.1, 1.1, 2 / 3, 1e-6
-MASKS = ("z_head", "z_int", "z_hid")
 
 
-def init_log_alpha(args, gen):
+def init_log_alpha(config, gen):
     """log_alpha ~ N(mean, 0.01): heads and hidden dims start near 'keep' (10), FFN units at p=0.01."""
-    shapes = {"z_head": (args.n_layers, args.n_heads), "z_int": (args.n_layers, args.ffn_dim), "z_hid": (args.dim,)}
     means = {"z_head": 10.0, "z_int": math.log(0.99 / 0.01), "z_hid": 10.0}
-    return {k: torch.randn(shapes[k], generator=gen) * 0.01 + means[k] for k in MASKS}
+    return {k: torch.randn(shape, generator=gen) * 0.01 + means[k] for k, shape in mask_shapes(config).items()}
 
 
 def sample_z(log_alpha, gen):
@@ -66,60 +66,10 @@ def deterministic_z(log_alpha, shift=0.0):
     return z.reshape(log_alpha.shape)
 
 
-def prunable_size(args):
-    """M: parameters of all attention and FFN projections (embeddings, norms and lm_head excluded)."""
-    return args.n_layers * (2 * args.dim * args.head_dim * (args.n_heads + args.n_kv_heads) + 3 * args.dim * args.ffn_dim)
-
-
-def expected_size(p_head, p_int, p_hid, args):
-    """Eq. 3 with keep probabilities [L, H], [L, F], [D] (or binary masks: then it is the exact count).
-    sum_h sum_k z_head[h] z_hid[k] is sum(z_head) * sum(z_hid): a product of sums, never an outer product.
-    Grouped-query attention: a kv head's k and v rows stay while any query head of its group does; with
-    one query head per group (multi-head attention) this is exactly Eq. 3's 4 * d_h per head."""
-    group = args.n_heads // args.n_kv_heads
-    p_kv = 1 - (1 - p_head).reshape(args.n_layers, args.n_kv_heads, group).prod(-1)  # [L, H_kv]
-    per_hidden_dim = 2 * args.head_dim * (p_head.sum() + p_kv.sum()) + 3 * p_int.sum()
-    return per_hidden_dim * p_hid.sum()
-
-
-def expected_sparsity(log_alpha, args):
+def expected_sparsity(log_alpha, config):
+    """s_hat = 1 - E / M, Eq. 3 with each unit counted by its keep probability (model.expected_size)."""
     p = {k: keep_prob(v) for k, v in log_alpha.items()}
-    return 1 - expected_size(p["z_head"], p["z_int"], p["z_hid"], args) / prunable_size(args)
-
-
-def mask_sparsity(z, args):
-    """Eq. 3 on binary masks (an absent mask keeps everything): exactly the share of the projection
-    weights that an export removes."""
-    shapes = {"z_head": (args.n_layers, args.n_heads), "z_int": (args.n_layers, args.ffn_dim), "z_hid": (args.dim,)}
-    kept = [(z[k].cpu() > 0).float() if k in z else torch.ones(shapes[k]) for k in MASKS]
-    return 1 - expected_size(*kept, args).item() / prunable_size(args)
-
-
-@torch.no_grad()
-def magnitude_masks(model, target):
-    """Binary masks for the magnitude baseline (the paper's MaP row): drop the heads and FFN units whose
-    weights have the smallest root-mean-square, across all layers, until Eq. 3 reaches the target.
-    Hidden dims are kept: their norms mix every layer, and the paper's baseline prunes heads and units."""
-    a = model.args
-    units = []  # (rms of the unit's weights, kind, layer, index)
-    for l, layer in enumerate(model.layers):
-        wq, wo = (layer.attention.get_submodule(n).weight.float() for n in ("wq", "wo"))
-        for h in range(a.n_heads):
-            rows = slice(h * a.head_dim, (h + 1) * a.head_dim)
-            units.append((torch.cat([wq[rows].flatten(), wo[:, rows].flatten()]).pow(2).mean().sqrt().item(), "z_head", l, h))
-        ff = layer.feed_forward
-        rms = (ff.w1.weight.float().pow(2).mean(1) + ff.w3.weight.float().pow(2).mean(1) + ff.w2.weight.float().pow(2).mean(0)) / 3
-        units += [(r, "z_int", l, i) for i, r in enumerate(rms.sqrt().tolist())]
-    z = {"z_head": torch.ones(a.n_layers, a.n_heads), "z_int": torch.ones(a.n_layers, a.ffn_dim), "z_hid": torch.ones(a.dim)}
-    size, budget, group = prunable_size(a), (1 - target) * prunable_size(a), a.n_heads // a.n_kv_heads
-    for _, kind, l, i in sorted(units):  # Eq. 3 with binary masks, kept up to date unit by unit
-        if size <= budget:
-            break
-        z[kind][l, i] = 0
-        size -= 3 * a.dim if kind == "z_int" else 2 * a.dim * a.head_dim
-        if kind == "z_head" and z["z_head"][l, i // group * group:(i // group + 1) * group].sum() == 0:
-            size -= 2 * a.dim * a.head_dim  # the last query head of its group takes k and v along
-    return z
+    return 1 - expected_size(p["z_head"], p["z_int"], p["z_hid"], config) / prunable_size(config)
 
 
 def lagrangian(s_hat, target, lambdas):
@@ -130,22 +80,37 @@ def lagrangian(s_hat, target, lambdas):
 # ----------------------------------------------------------------------------------------------------
 # LoRA (Eq. 4): W x + B A x * alpha / r, A random, B zero, so training starts from the intact model
 
-LORA_TARGETS = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "attention.wo",
-                "gate": "feed_forward.w1", "up": "feed_forward.w3", "down": "feed_forward.w2"}
-
-
 def init_lora(model, targets, rank, gen, lora=None):
     """Adds LoRA pairs for `targets` (keeping pairs already in `lora`) -> {name: fp32 tensor}."""
     lora = dict(lora or {})
     for i, layer in enumerate(model.layers):
         for t in targets:
             name = f"layers.{i}.{LORA_TARGETS[t]}"
-            module = layer.get_submodule(LORA_TARGETS[t])
-            out_dim, in_dim = module.weight.shape
+            out_dim, in_dim = layer.get_submodule(LORA_TARGETS[t]).weight.shape
             if name + ".lora_A" not in lora:  # A ~ U(-1/sqrt(in), 1/sqrt(in)) as nn.Linear; B = 0
                 lora[name + ".lora_A"] = (torch.rand(rank, in_dim, generator=gen) * 2 - 1) / math.sqrt(in_dim)
                 lora[name + ".lora_B"] = torch.zeros(out_dim, rank)
     return lora
+
+
+@dataclass
+class Student:
+    """What training changes: log_alpha of every mask ({} when the masks are fixed) and the LoRA pairs."""
+    log_alpha: dict
+    lora: dict
+    lora_scale: float
+    fixed: dict  # masks that do not learn (magnitude baseline, post fine-tuning), else {}
+
+    def adapter(self, gen):
+        """The adapter of one training step: masks sampled once (Eq. 10) + LoRA."""
+        z = {k: sample_z(v, gen) for k, v in self.log_alpha.items()} if self.log_alpha else self.fixed
+        return {**z, **self.lora, "lora_scale": self.lora_scale}
+
+    def frozen(self):
+        """Deterministic masks + a copy of LoRA on the CPU: a teacher snapshot, or the run's result."""
+        masks = {k: deterministic_z(v) for k, v in self.log_alpha.items()} if self.log_alpha else self.fixed
+        return {**{k: v.detach().float().cpu().clone() for k, v in {**masks, **self.lora}.items()},
+                "lora_scale": torch.tensor(float(self.lora_scale))}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,13 +131,10 @@ class TeacherQueue:
     def __init__(self, interval=0.01, gap=0.10):
         self.interval, self.gap, self.snapshots = interval, gap, {}  # key k -> adapter at sparsity ~ k * i
 
-    def maybe_snapshot(self, s_hat, target, log_alpha, lora, lora_scale):
+    def maybe_snapshot(self, s_hat, target, student):
         k = math.floor(s_hat / self.interval + 1e-6)
         if k >= 1 and k * self.interval < target - 1e-6 and k not in self.snapshots:
-            snap = {name: deterministic_z(v).cpu() for name, v in log_alpha.items()}
-            snap.update({name: v.detach().float().cpu().clone() for name, v in lora.items()})
-            snap["lora_scale"] = torch.tensor(float(lora_scale))
-            self.snapshots[k] = snap
+            self.snapshots[k] = student.frozen()
             return k
 
     def teacher_key(self, step, s_student, warmup, steps, target):
@@ -199,39 +161,7 @@ def distill_loss(logits_s, logits_t, hidden_s, hidden_t, z_hid, temperature):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The training loop: pruning (masks + LoRA, Lagrangian, teachers) and post fine-tuning (masks frozen)
-
-RUN_ONLY = ("resume", "stop_after", "save_every", "eval")  # may change between a run and its resume
-
-
-def training_data(args, tok):
-    """-> tokens [N, seq_len] and loss mask [N, seq_len] (post fine-tuning scores the response only)."""
-    if args.finetune:
-        pairs = data.read_alpaca(args.finetune)
-        rows, masks = [], []
-        for prompt, response in pairs:
-            p, r = tok.encode(prompt), tok.encode(response) + [tok.eos_id]
-            ids, m = (p + r)[:args.seq_len], ([0] * len(p) + [1] * len(r))[:args.seq_len]
-            pad = args.seq_len - len(ids)
-            rows.append(ids + [tok.eos_id] * pad)
-            masks.append(m + [0] * pad)
-        if not any(map(any, masks)):
-            raise ValueError(f"{args.finetune}: no response fits in --seq-len {args.seq_len} after its prompt")
-        return torch.tensor(rows), torch.tensor(masks, dtype=torch.float32)
-    docs = data.read_texts(args.data) if args.data else data.default_texts()[0]
-    blocks = data.pack(docs, tok, args.seq_len)
-    return blocks, torch.ones(blocks.shape, dtype=torch.float32)
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(n, seed):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-
-
-def batch_rows(index, batch_size, n, seed):
-    """Rows of the `index`-th batch: epochs of a seeded permutation, so a resumed run sees the same data."""
-    return [int(epoch_order(n, seed + j // n)[j % n]) for j in range(index * batch_size, (index + 1) * batch_size)]
-
+# One micro-batch
 
 def next_token_loss(logits, tokens, loss_mask):
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
@@ -257,189 +187,183 @@ def micro_step(model, x, loss_mask, student, teacher, distill, args):
     return terms
 
 
+# ----------------------------------------------------------------------------------------------------
+# The training loop: pruning (masks + LoRA, Lagrangian, teachers) and post fine-tuning (masks frozen)
+
+RUN_ONLY = ("resume", "stop_after", "save_every", "eval")  # may change between a run and its resume
+
+
+def target_at(step, args):
+    """Eq. 11's target t: it warms up linearly from 0 over the first `warmup` of the steps, then holds."""
+    return args.target * min(1.0, step / max(1, round(args.warmup * args.steps)))
+
+
+def lora_lr(step, args):
+    return args.lr_lora * (1 - step / args.steps)  # linear decay to 0
+
+
+def open_run_folder(args):
+    """Checks that --out may be (re)used with these settings and records them -> the folder."""
+    out = Path(args.out)
+    settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+    if args.resume:
+        if not (out / "checkpoint.pt").exists():
+            raise ValueError(f"--resume: {out / 'checkpoint.pt'} does not exist")
+        saved = json.loads((out / "settings.json").read_text())
+        diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in settings.items() if saved.get(k) != v]
+        if diff:
+            raise ValueError(f"--resume: {out} was run with other settings: " + ", ".join(diff))
+    elif (out / "checkpoint.pt").exists():
+        raise ValueError(f"{out} already holds a run: add --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps(settings, indent=1))
+    return out
+
+
+def init_student(args, model, gen):
+    """One of three mask sources: learned (NutePrune), a pruning run's masks (post fine-tuning) or
+    magnitude (the MaP baseline); the last two stay fixed while LoRA trains."""
+    targets, device = args.lora_targets.split(","), model.tok_embeddings.weight.device
+    log_alpha, fixed = {}, {}
+    if args.run:  # its LoRA continues and grows to the fine-tuning targets
+        run = load_adapter(args.run, model)
+        fixed = {k: run[k] for k in MASKS}
+        lora = init_lora(model, targets, args.lora_rank, gen, {k: v.cpu() for k, v in run.items() if ".lora_" in k})
+    elif args.magnitude:
+        fixed = {k: v.to(device) for k, v in baselines.magnitude_masks(model, args.target).items()}
+        lora = init_lora(model, targets, args.lora_rank, gen)
+    else:
+        log_alpha = init_log_alpha(model.config, gen)
+        lora = {} if args.masks_only else init_lora(model, targets, args.lora_rank, gen)
+    for group in (log_alpha, lora):
+        for k in group:
+            group[k] = group[k].to(device).requires_grad_(True)
+    return Student(log_alpha, lora, args.lora_alpha / args.lora_rank, fixed)
+
+
+def make_optimizers(args, student, lambdas):
+    """AdamW for each group that learns; the lambdas by gradient ascent (Eq. 11 is maximized over them)."""
+    opts = {}
+    if student.log_alpha:
+        opts["mask"] = torch.optim.AdamW(student.log_alpha.values(), lr=args.lr_mask, weight_decay=0)
+        opts["lambda"] = torch.optim.AdamW([lambdas], lr=args.lr_lambda, weight_decay=0, maximize=True)
+    if student.lora:
+        opts["lora"] = torch.optim.AdamW(student.lora.values(), lr=args.lr_lora, weight_decay=0)
+    return opts
+
+
 def save_atomic(obj, path):
     tmp = str(path) + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
 
 
-def train(args):
-    out = Path(args.out)
-    settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
-    ckpt_path = out / "checkpoint.pt"
-    if args.resume:
-        if not ckpt_path.exists():
-            raise ValueError(f"--resume: {ckpt_path} does not exist")
-        saved = json.loads((out / "settings.json").read_text())
-        diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in settings.items() if saved.get(k) != v]
-        if diff:
-            raise ValueError(f"--resume: {out} was run with other settings: " + ", ".join(diff))
-    elif ckpt_path.exists():
-        raise ValueError(f"{out} already holds a run: add --resume to continue it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(settings, indent=1))
+def save_checkpoint(out, step, student, lambdas, opts, queue, gen):
+    save_atomic({"log_alpha": student.log_alpha, "lora": student.lora, "lambdas": lambdas, "step": step,
+                 "opts": {k: o.state_dict() for k, o in opts.items()}, "snapshots": queue.snapshots,
+                 "rng": gen.get_state()}, out / "checkpoint.pt")
 
-    device = torch.device(args.device)
-    model, tok = load(args.ckpt, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, device=device)
-    ma = model.args
-    tokens, loss_mask = training_data(args, tok)
-    if len(tokens) == 0:
+
+def restore_checkpoint(out, student, lambdas, opts, queue, gen):
+    """Loads out/checkpoint.pt into the live tensors and drops log rows after it -> the step to go on from."""
+    ck = torch.load(out / "checkpoint.pt", map_location=lambdas.device, weights_only=False)
+    with torch.no_grad():
+        for group, saved in ((student.log_alpha, ck["log_alpha"]), (student.lora, ck["lora"])):
+            for k in group:
+                group[k].copy_(saved[k])
+        lambdas.copy_(ck["lambdas"])
+    for name, opt in opts.items():
+        opt.load_state_dict(ck["opts"][name])
+    queue.snapshots = ck["snapshots"]
+    gen.set_state(ck["rng"])
+    rows = (out / "log.jsonl").read_text().splitlines()
+    (out / "log.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= ck["step"]))
+    return ck["step"]
+
+
+def train_step(step, model, batches, student, lambdas, opts, queue, gen, args):
+    """One optimizer step: sample masks, pick the teacher, forward/backward every micro-batch, add the
+    Lagrangian, step the optimizers, snapshot the student -> the step's log row."""
+    t0, config, device = time.time(), model.config, lambdas.device
+    target, learn_masks = target_at(step, args), bool(student.log_alpha)
+    if "lora" in opts:
+        opts["lora"].param_groups[0]["lr"] = lora_lr(step, args)
+    adapter = student.adapter(gen)
+    s_hat = expected_sparsity(student.log_alpha, config) if learn_masks else None
+    distill = "none" if args.finetune else args.distill
+    key = teacher = None
+    if distill == "pkd" and learn_masks:  # with fixed masks there are no snapshots: the intact model teaches
+        key = queue.teacher_key(step, s_hat.item(), round(args.warmup * args.steps), args.steps, args.target)
+        teacher = None if key is None else {k: v.to(device) for k, v in queue.snapshots[key].items()}
+    terms = {"kl": 0.0, "layer": 0.0, "ce": 0.0}
+    for micro in range(args.grad_accum):
+        rows = data.batch_rows(step * args.grad_accum + micro, args.batch_size, len(batches[0]), args.seed)
+        x, m = batches[0][rows].to(device), batches[1][rows].to(device)
+        for k, v in micro_step(model, x, m, adapter, teacher, distill != "none", args).items():
+            terms[k] += v / args.grad_accum
+    lag = lagrangian(s_hat, target, lambdas) if learn_masks else torch.tensor(0.0)
+    if learn_masks:
+        lag.backward()  # Eq. 7's L0 term: descends on log_alpha, ascends on the lambdas
+    torch.nn.utils.clip_grad_norm_([*student.log_alpha.values(), *student.lora.values()], 1.0)
+    for opt in opts.values():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for v in student.log_alpha.values():
+            v.clamp_(math.log(0.01), math.log(100))
+        s_now = expected_sparsity(student.log_alpha, config).item() if learn_masks else mask_sparsity(student.fixed, config)
+    if distill == "pkd" and learn_masks:
+        queue.maybe_snapshot(s_now, args.target, student)
+    return {"step": step + 1, **terms, "lagrangian": lag.item(), "expected_sparsity": s_now, "target": target,
+            "lambda1": lambdas[0].item(), "lambda2": lambdas[1].item(),
+            "teacher": None if distill == "none" else ("intact" if key is None else key * args.interval),
+            "lr_lora": lora_lr(step, args), "lr_mask": args.lr_mask,
+            "tokens_per_s": x.numel() * args.grad_accum / (time.time() - t0),
+            "memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # peak RSS on the CPU
+
+
+def train(args):
+    """The whole run -> (model, tokenizer, adapter), or None when --stop-after ended it early."""
+    out = open_run_folder(args)
+    model, tok = load(args.ckpt, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, device=args.device)
+    batches = data.training_blocks(tok, args.seq_len, args.data, args.finetune)  # (tokens, loss mask)
+    if len(batches[0]) == 0:
         raise ValueError("the training data is empty")
     gen = torch.Generator().manual_seed(args.seed)  # LoRA init and mask noise; saved with the checkpoint
+    student = init_student(args, model, gen)
+    lambdas = torch.zeros(2, device=model.tok_embeddings.weight.device, requires_grad=True)
+    opts, queue = make_optimizers(args, student, lambdas), TeacherQueue(args.interval, args.gap)
+    start = restore_checkpoint(out, student, lambdas, opts, queue, gen) if args.resume else 0
 
-    if args.run:  # masks frozen at a pruning run's deterministic values; its LoRA continues and grows
-        run = load_adapter(args.run, model)
-        fixed, log_alpha = {k: run[k] for k in MASKS}, {}
-        lora = init_lora(model, args.lora_targets.split(","), args.lora_rank, gen,
-                         {k: v.cpu() for k, v in run.items() if ".lora_" in k})
-    elif args.magnitude:  # the MaP baseline: masks fixed from weight norms, only LoRA learns
-        fixed, log_alpha = {k: v.to(device) for k, v in magnitude_masks(model, args.target).items()}, {}
-        lora = init_lora(model, args.lora_targets.split(","), args.lora_rank, gen)
-    else:
-        fixed, log_alpha = {}, init_log_alpha(ma, gen)
-        lora = {} if args.masks_only else init_lora(model, args.lora_targets.split(","), args.lora_rank, gen)
-    s_fixed = mask_sparsity(fixed, ma) if fixed else 0.0
-    lora_scale = args.lora_alpha / args.lora_rank
-    for group in (log_alpha, lora):
-        for k in group:
-            group[k] = group[k].to(device).requires_grad_(True)
-    lambdas = torch.zeros(2, device=device, requires_grad=True)
-    opts = {"mask": torch.optim.AdamW(log_alpha.values(), lr=args.lr_mask, weight_decay=0) if log_alpha else None,
-            "lambda": torch.optim.AdamW([lambdas], lr=args.lr_lambda, weight_decay=0, maximize=True),  # ascent
-            "lora": torch.optim.AdamW(lora.values(), lr=args.lr_lora, weight_decay=0) if lora else None}
-    queue, step = TeacherQueue(args.interval, args.gap), 0
-    if args.resume:
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        for group, saved in ((log_alpha, ck["log_alpha"]), (lora, ck["lora"])):
-            for k in group:
-                group[k].data.copy_(saved[k])
-        lambdas.data.copy_(ck["lambdas"])
-        for name, opt in opts.items():
-            if opt is not None:
-                opt.load_state_dict(ck["opts"][name])
-        queue.snapshots, step = ck["snapshots"], ck["step"]
-        gen.set_state(ck["rng"])
-        rows = (out / "log.jsonl").read_text().splitlines()  # drop rows of steps after the checkpoint
-        (out / "log.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))
+    # The loop. Every step appends a row to log.jsonl; every save_every steps an atomic checkpoint holds all
+    # the state a resume needs (masks, LoRA, lambdas, optimizers, teacher snapshots, the RNG).
+    with open(out / "log.jsonl", "a") as log:
+        bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="prune" if student.log_alpha else "tune")
+        for step in bar:
+            row = train_step(step, model, batches, student, lambdas, opts, queue, gen, args)
+            log.write(json.dumps(row) + "\n")
+            bar.set_postfix(sparsity=f"{row['expected_sparsity']:.3f}", target=f"{row['target']:.3f}",
+                            **{k: f"{row[k]:.3g}" for k in ("kl", "layer", "ce") if row[k]})
+            if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+                log.flush()
+                save_checkpoint(out, step + 1, student, lambdas, opts, queue, gen)
+            if args.stop_after and step + 1 - start >= args.stop_after:
+                return None  # a deliberate stop, like a kill: what was not checkpointed is lost
 
-    warmup = round(args.warmup * args.steps)
-    learn_masks = bool(log_alpha)
-    log = open(out / "log.jsonl", "a")
-    start = step
-    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="prune" if learn_masks else "tune")
-    for step in bar:
-        t0 = time.time()
-        target = args.target * min(1.0, step / max(1, warmup))  # Eq. 11's target warms up linearly
-        lr_lora = args.lr_lora * (1 - step / args.steps)
-        if opts["lora"]:
-            opts["lora"].param_groups[0]["lr"] = lr_lora
-        z = {k: sample_z(v, gen) for k, v in log_alpha.items()} if learn_masks else fixed
-        student = {**z, **lora, "lora_scale": lora_scale}
-        s_hat = expected_sparsity(log_alpha, ma) if learn_masks else torch.tensor(0.0)
-        teacher, key = None, None
-        if args.distill == "pkd" and learn_masks:
-            key = queue.teacher_key(step, s_hat.item(), warmup, args.steps, args.target)
-            if key is not None:
-                teacher = {k: v.to(device) for k, v in queue.snapshots[key].items()}
-        distill = args.distill != "none" and not args.finetune
-        terms = {"kl": 0.0, "layer": 0.0, "ce": 0.0}
-        for micro in range(args.grad_accum):
-            rows = batch_rows(step * args.grad_accum + micro, args.batch_size, len(tokens), args.seed)
-            x, m = tokens[rows].to(device), loss_mask[rows].to(device)
-            for k, v in micro_step(model, x, m, student, teacher, distill, args).items():
-                terms[k] += v / args.grad_accum
-        lag = lagrangian(s_hat, target, lambdas) if learn_masks else torch.tensor(0.0)
-        if learn_masks:
-            lag.backward()  # Eq. 7's L0 term: descends on log_alpha, ascends on the lambdas
-        torch.nn.utils.clip_grad_norm_([*log_alpha.values(), *lora.values()], 1.0)
-        for opt in opts.values():
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for v in log_alpha.values():
-                v.clamp_(math.log(0.01), math.log(100))
-            s_now = expected_sparsity(log_alpha, ma).item() if learn_masks else s_fixed
-        if args.distill == "pkd" and learn_masks:
-            queue.maybe_snapshot(s_now, args.target, log_alpha, lora, lora_scale)
-        row = {"step": step + 1, **terms, "lagrangian": lag.item(), "expected_sparsity": s_now, "target": target,
-               "lambda1": lambdas[0].item(), "lambda2": lambdas[1].item(),
-               "teacher": None if not distill else ("intact" if key is None else key * args.interval),
-               "lr_lora": lr_lora, "lr_mask": args.lr_mask, "tokens_per_s": x.numel() * args.grad_accum / (time.time() - t0),
-               "memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # peak RSS on the CPU
-        log.write(json.dumps(row) + "\n")
-        bar.set_postfix(sparsity=f"{s_now:.3f}", target=f"{target:.3f}", **{k: f"{v:.3g}" for k, v in terms.items() if v})
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            log.flush()
-            save_atomic({"log_alpha": log_alpha, "lora": lora, "lambdas": lambdas, "step": step + 1,
-                         "opts": {k: o.state_dict() for k, o in opts.items() if o is not None},
-                         "snapshots": queue.snapshots, "rng": gen.get_state()}, ckpt_path)
-        if args.stop_after and step + 1 - start >= args.stop_after:
-            log.close()
-            return None  # a deliberate stop, like a kill: what was not checkpointed is lost
-    log.close()
-
-    masks = {k: deterministic_z(v) for k, v in log_alpha.items()} if learn_masks else fixed
-    adapter = {**{k: v.detach().float().cpu().contiguous() for k, v in {**masks, **lora}.items()},
-               "lora_scale": torch.tensor(lora_scale)}
-    save_file(adapter, str(out / "adapter.safetensors"))
-    (out / "structure.md").write_text(structure_table(adapter, ma))
-    return model, tok, adapter
-
-
-def load_adapter(run, model):
-    """-> the adapter dict of a run folder, checked against the model's shapes."""
-    path = os.path.join(run, "adapter.safetensors")
-    if not os.path.exists(path):
-        raise LoadError(f"{path}: not found (is {run} a folder written by nute.py?)")
-    adapter = load_file(path)
-    a = model.args
-    want = {"z_head": (a.n_layers, a.n_heads), "z_int": (a.n_layers, a.ffn_dim), "z_hid": (a.dim,)}
-    params = dict(model.named_parameters())
-    for key, t in adapter.items():
-        if key.endswith((".lora_A", ".lora_B")):  # A [r, in], B [out, r] of the weight [out, in]
-            name = key[:-len(".lora_A")]
-            w, A = params.get(name + ".weight"), adapter.get(name + ".lora_A")
-            if w is None or A is None or name + ".lora_B" not in adapter:
-                raise LoadError(f"{path}: {key} has no weight of this model or no A/B partner")
-            want[key] = (A.shape[0], w.shape[1]) if key.endswith("A") else (w.shape[0], A.shape[0])
-        elif key not in want and key != "lora_scale":
-            raise LoadError(f"{path}: unexpected tensor {key}")
-        if key in want and tuple(t.shape) != want[key]:
-            raise LoadError(f"{path}: {key} has shape {list(t.shape)}, this model needs {list(want[key])}: "
-                            "the run was made from another base checkpoint (pass it with --ckpt)")
-    if any(k.endswith(".lora_A") for k in adapter) and "lora_scale" not in adapter:
-        raise LoadError(f"{path}: LoRA tensors but no lora_scale")
-    device = model.tok_embeddings.weight.device
-    adapter = {k: v.to(device) for k, v in adapter.items()}
-    if "lora_scale" in adapter:
-        adapter["lora_scale"] = float(adapter["lora_scale"])
-    return adapter
-
-
-def structure_table(adapter, args):
-    """The pruned structure in the layout of the paper's Tables 16-17."""
-    heads = (adapter["z_head"] > 0).sum(1).tolist()
-    ffn = (adapter["z_int"] > 0).sum(1).tolist()
-    lines = [f"Hidden dim: {int((adapter['z_hid'] > 0).sum())} of {args.dim}; "
-             f"sparsity of the prunable weights: {mask_sparsity(adapter, args):.4f}", "",
-             "| Layer | " + " | ".join(str(i) for i in range(args.n_layers)) + " |",
-             "|---" * (args.n_layers + 1) + "|",
-             f"| Head (of {args.n_heads}) | " + " | ".join(map(str, heads)) + " |",
-             f"| Intermediate dim (of {args.ffn_dim}) | " + " | ".join(map(str, ffn)) + " |"]
-    return "\n".join(lines) + "\n"
+    adapter = student.frozen()
+    save_adapter(adapter, out)
+    (out / "structure.md").write_text(evaluate.structure_table(adapter, model.config))
+    adapter["lora_scale"] = float(adapter["lora_scale"])
+    return model, tok, {k: v.to(model.tok_embeddings.weight.device) if torch.is_tensor(v) else v
+                        for k, v in adapter.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Command line
 
 REFERENCE = {"lr_lambda": 0.1, "layer_weight": 0.9}  # the authors' values, for runs of thousands of steps
-# The embedded default (SmolLM2, 400 steps, ~15 min on a CPU) changes two of them, measured on SmolLM2:
-# with the reference values its expected sparsity stays at 0.006 after 130 steps against a target of 0.11.
-# Its hidden states are large, so the layer loss (hundreds, spikes past 10^4) outweighs Eq. 11 until the
-# lambdas, growing ~lr per step, are huge; without it and with lr 10 the masks follow the target.
-EMBEDDED = {"lr_lambda": 10.0, "layer_weight": 0.0}
+EMBEDDED = {"lr_lambda": 10.0, "layer_weight": 0.0}  # the short embedded run's; README "Deviations" says why
 
 
 def get_args(argv=None):
@@ -520,7 +444,6 @@ def main(argv=None):
 
 def report(model, small, tok, adapter, out, ckpt):
     """Held-out perplexity of the intact, masked and exported models, and their generation latency."""
-    import evaluate
     ids = evaluate.text_ids(tok, "\n\n".join(data.default_texts()[1]))  # held-out Wikipedia, never trained on
     results = {"ppl@128": {"intact": evaluate.perplexity(model, ids, 128), "masked": evaluate.perplexity(model, ids, 128, adapter),
                            "exported": evaluate.perplexity(small, ids, 128)}}

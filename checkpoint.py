@@ -1,0 +1,385 @@
+"""Every checkpoint format, read and write: GGUF, Hugging Face safetensors (single or sharded), Meta's
+`.pth`, and a run's adapter (masks + LoRA). Our parameter names are Meta's; the others are renamed.
+
+    model, tok = load("SmolLM2-135M-Instruct.Q4_1.gguf")   # or an HF folder, or a Meta folder
+    save(small, tok, "runs/x/model")                        # HF layout + config.json with per-layer sizes
+    adapter = load_adapter("runs/x", model)                 # what nute.py learned, checked against the model
+"""
+import json
+import math
+import os
+import shutil
+import struct
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from model import ModelConfig, build, mask_shapes
+from tokenizer import load_tokenizer
+
+
+class LoadError(Exception):
+    """A checkpoint, tokenizer or adapter that cannot be loaded; the command line prints it as one line."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# GGUF: a small reader for the types real checkpoints use (F32, F16, BF16, Q8_0, Q4_0, Q4_1), and a
+# metadata-only writer
+
+GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+# ggml type id -> (name, elements per block, bytes per block)
+GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+              8: ("Q8_0", 32, 34), 30: ("BF16", 1, 2)}
+
+
+def read_gguf(path, tensors=True):
+    """Returns (metadata dict, {name: np.ndarray float32 in PyTorch [out, in] order})."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    if buf[:4] != b"GGUF":
+        raise LoadError(f"{path}: not a GGUF file")
+    try:
+        meta, infos, pos = read_gguf_header(buf)
+    except (struct.error, ValueError, KeyError):  # a cut inside an array, or an unknown value type
+        raise LoadError(f"{path}: GGUF header is truncated or corrupt") from None
+    if meta is None:
+        raise LoadError(f"{path}: GGUF version {infos} is not supported (2 or 3)")
+    if not tensors:
+        return meta, {}
+    align = meta.get("general.alignment", 32)
+    start = (pos + align - 1) // align * align
+    out = {}
+    for name, shape, t, offset in infos:
+        if t not in GGML_TYPES:
+            raise LoadError(f"{path}: tensor {name} has ggml type {t}; supported: "
+                            + ", ".join(v[0] for v in GGML_TYPES.values()))
+        kind, block, nbytes = GGML_TYPES[t]
+        n = math.prod(shape)
+        size = n // block * nbytes
+        if start + offset + size > len(buf):
+            raise LoadError(f"{path}: file is truncated (tensor {name} runs past the end)")
+        raw = np.frombuffer(buf, np.uint8, size, start + offset)
+        out[name] = dequantize(raw, kind, n).reshape(shape[::-1])  # GGUF lists dims fastest-first
+    return meta, out
+
+
+def read_gguf_header(buf):
+    """-> (metadata, [(tensor name, shape, ggml type, offset)], where the header ends);
+    (None, version, 0) for a version we do not read."""
+    pos = 4
+
+    def take(fmt):
+        nonlocal pos
+        vals = struct.unpack_from(fmt, buf, pos)
+        pos += struct.calcsize(fmt)
+        return vals[0]
+
+    def string():
+        nonlocal pos
+        n = take("<Q")
+        pos += n
+        return buf[pos - n:pos].decode("utf-8", errors="replace")
+
+    def value(t):
+        nonlocal pos
+        if t == GGUF_STRING:
+            return string()
+        if t == GGUF_ARRAY:
+            et, n = take("<I"), take("<Q")
+            if et in GGUF_SCALAR:  # read numeric arrays in one go
+                dt = np.dtype(GGUF_SCALAR[et])
+                arr = np.frombuffer(buf, dt, n, pos)
+                pos += n * dt.itemsize
+                return arr.tolist()
+            return [value(et) for _ in range(n)]
+        return take(GGUF_SCALAR[t])
+
+    version, n_tensors, n_kv = take("<I"), take("<Q"), take("<Q")
+    if version not in (2, 3):
+        return None, version, 0
+    meta = {}
+    for _ in range(n_kv):
+        key = string()
+        meta[key] = value(take("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        shape = [take("<Q") for _ in range(take("<I"))]
+        infos.append((name, shape, take("<I"), take("<Q")))
+    return meta, infos, pos
+
+
+def dequantize(raw, kind, n):
+    if kind == "F32":
+        return raw.view(np.float32).copy()
+    if kind == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    if kind == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    blocks = raw.reshape(n // 32, -1)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # [n_blocks, 1] scale
+    if kind == "Q8_0":
+        return (d * blocks[:, 2:].view(np.int8)).reshape(-1)
+    qs = blocks[:, -16:]  # 16 bytes: low nibbles are elements 0..15, high nibbles 16..31
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
+    if kind == "Q4_0":
+        return (d * (q - 8)).reshape(-1)
+    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)  # Q4_1: x = d * q + m
+    return (d * q + m).reshape(-1)
+
+
+def write_gguf_metadata(path, meta):
+    """A GGUF file with metadata and no tensors (how llama.cpp ships bare vocabularies)."""
+    def value(v):
+        if isinstance(v, str):
+            b = v.encode()
+            return struct.pack("<IQ", GGUF_STRING, len(b)) + b
+        if isinstance(v, bool):
+            return struct.pack("<I?", 7, v)
+        if isinstance(v, int):
+            return struct.pack("<Iq", 11, v)
+        if isinstance(v, float):
+            return struct.pack("<Id", 12, v)
+        items = [value(x) for x in v]  # a list: element type from the first element's tag, then bare values
+        etype = struct.unpack_from("<I", items[0])[0] if items else 11
+        return struct.pack("<IIQ", GGUF_ARRAY, etype, len(v)) + b"".join(x[4:] for x in items)
+    out = [b"GGUF", struct.pack("<IQQ", 3, 0, len(meta))]
+    for k, v in meta.items():
+        kb = k.encode()
+        out += [struct.pack("<Q", len(kb)), kb, value(v)]
+    with open(path, "wb") as f:
+        f.write(b"".join(out))
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face and Meta folders, and `load` for any of the three
+
+HF_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output",
+            "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+            "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+            "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+            "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+            "post_attention_layernorm": "ffn_norm", "model.layers": "layers"}
+GGUF_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output", "blk": "layers",
+              "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+              "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
+              "ffn_up": "feed_forward.w3", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+
+
+def rename(name, table):
+    for old, new in table.items():  # longest keys first would matter only for prefixes; none overlap
+        if name.startswith(old + ".") or ("." + old + ".") in name:
+            name = name.replace(old, new, 1)
+    return name
+
+
+def interleaved_to_half(w, n_heads):
+    """Meta and GGUF store q/k rows for interleaved RoPE (pairs 2i, 2i+1); we use rotate-half (i, i+d/2)."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def config_from_hf(cfg):
+    n_heads = cfg["num_attention_heads"]
+    return ModelConfig(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+                     n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+                     head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+                     ffn_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+                     norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0),
+                     tie_embeddings=cfg.get("tie_word_embeddings", False),
+                     max_seq_len=min(cfg.get("max_position_embeddings", 2048), 8192),
+                     kv_of_head=cfg.get("kv_of_head"), ffn_dims=cfg.get("ffn_dims"))
+
+
+def hf_config(config):
+    """The config.json an exported model is saved with: Hugging Face's keys plus our per-layer sizes."""
+    c = config
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.dim,
+            "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+            "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+            "intermediate_size": c.ffn_dim, "vocab_size": c.vocab_size, "rms_norm_eps": c.norm_eps,
+            "rope_theta": c.rope_theta, "tie_word_embeddings": c.tie_embeddings,
+            "max_position_embeddings": c.max_seq_len, "kv_of_head": c.kv_of_head, "ffn_dims": c.ffn_dims}
+
+
+def read_hf(path):
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("rope_scaling"):
+        raise LoadError(f"{path}: rope_scaling {cfg['rope_scaling']} is not supported")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise LoadError(f"{path}: config.json but no model.safetensors or model.safetensors.index.json")
+    config, state = config_from_hf(cfg), {}
+    for file in files:  # one tensor at a time, so peak memory stays about one copy of the weights
+        try:
+            with safe_open(os.path.join(path, file), "pt") as f:
+                for key in f.keys():
+                    if not key.endswith("rotary_emb.inv_freq"):  # older HF files store RoPE tables
+                        state[rename(key, HF_NAMES)] = f.get_tensor(key)
+        except Exception as e:  # truncated or corrupt file
+            raise LoadError(f"{os.path.join(path, file)}: cannot read safetensors ({e})") from None
+    if config.tie_embeddings:
+        state.pop("output.weight", None)  # some tied checkpoints store the shared matrix twice
+    return config, state
+
+
+def read_meta(path):
+    with open(os.path.join(path, "params.json")) as f:
+        p = json.load(f)
+    files = sorted(f for f in os.listdir(path) if f.startswith("consolidated.") and f.endswith(".pth"))
+    if not files:
+        raise LoadError(f"{path}: params.json but no consolidated.*.pth")
+    try:
+        shards = [torch.load(os.path.join(path, f), map_location="cpu", mmap=True, weights_only=True) for f in files]
+    except Exception as e:
+        raise LoadError(f"{path}: cannot read {files} ({e})") from None
+    state = {}
+    for key in shards[0]:  # model-parallel shards: columns split for wo, w2, embeddings; rows otherwise
+        parts = [s[key] for s in shards]
+        if parts[0].dim() == 1 or len(parts) == 1:
+            state[key] = parts[0]
+        else:
+            state[key] = torch.cat(parts, dim=1 if key.split(".")[-2] in ("wo", "w2", "tok_embeddings") else 0)
+    state.pop("rope.freqs", None)
+    n_heads = p["n_heads"]
+    config = ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=n_heads, n_kv_heads=p.get("n_kv_heads") or n_heads,
+                        head_dim=p["dim"] // n_heads, ffn_dim=state["layers.0.feed_forward.w1.weight"].shape[0],
+                        vocab_size=state["tok_embeddings.weight"].shape[0], norm_eps=p.get("norm_eps", 1e-5),
+                        rope_theta=p.get("rope_theta", 10000.0), tie_embeddings="output.weight" not in state)
+    return config, state
+
+
+def read_gguf_model(path):
+    meta, tensors = read_gguf(path)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported (llama)")
+    g = lambda k, d=None: meta.get(f"llama.{k}", d)
+    n_heads = g("attention.head_count")
+    state = {rename(k, GGUF_NAMES): torch.from_numpy(v) for k, v in tensors.items()}
+    config = ModelConfig(dim=g("embedding_length"), n_layers=g("block_count"), n_heads=n_heads,
+                         n_kv_heads=g("attention.head_count_kv", n_heads),
+                         head_dim=g("rope.dimension_count", g("embedding_length") // n_heads),
+                         ffn_dim=g("feed_forward_length"), vocab_size=state["tok_embeddings.weight"].shape[0],
+                         norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=g("rope.freq_base", 10000.0),
+                         tie_embeddings="output.weight" not in state, max_seq_len=min(g("context_length", 2048), 8192))
+    return config, state, meta
+
+
+def read_checkpoint(path):
+    """-> (config, state, tokenizer source, whether q/k rows are in the interleaved RoPE layout)."""
+    tok_source = path
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise LoadError(f"{path}: unknown format (expected a .gguf file or a checkpoint folder)")
+        config, state, tok_source = read_gguf_model(path)
+        interleaved = True
+    elif os.path.exists(os.path.join(path, "config.json")):
+        config, state = read_hf(path)
+        interleaved = False
+        if os.path.exists(os.path.join(path, "tokenizer.gguf")):  # an export of a GGUF model
+            tok_source = read_gguf(os.path.join(path, "tokenizer.gguf"), tensors=False)[0]
+    elif os.path.exists(os.path.join(path, "params.json")):
+        config, state = read_meta(path)
+        interleaved = True
+    else:
+        raise LoadError(f"{path}: no config.json, params.json or .gguf: not a checkpoint")
+    return config, state, tok_source, interleaved
+
+
+def load(path, dtype=torch.float32, device="cpu", max_seq_len=None):
+    """Loads a checkpoint (HF folder, Meta folder or .gguf file) -> (Transformer, Tokenizer)."""
+    if not os.path.exists(path):
+        raise LoadError(f"{path}: no such file or folder")
+    try:
+        config, state, tok_source, interleaved = read_checkpoint(path)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise LoadError(f"{path}: malformed checkpoint config ({type(e).__name__}: {e})") from None
+    if max_seq_len:
+        config.max_seq_len = max_seq_len
+    for i in range(config.n_layers):  # RoPE layout: interleaved pairs -> rotate-half
+        n_q = len(config.kv_of_head[i])
+        for w, heads in (("wq", n_q), ("wk", max(config.kv_of_head[i]) + 1 if n_q else 0)):
+            key = f"layers.{i}.attention.{w}.weight"
+            if interleaved and key in state:
+                state[key] = interleaved_to_half(state[key], heads)
+    try:
+        tokenizer = load_tokenizer(tok_source)
+    except (ValueError, OSError) as e:
+        raise LoadError(f"{path}: tokenizer: {e}") from None
+    tokenizer.source = tok_source  # save() writes it next to an exported model
+    if tokenizer.vocab_size > config.vocab_size:
+        raise LoadError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
+                        f"{config.vocab_size}: tokenizer and weights do not belong together")
+    for key in state:  # one tensor at a time: peak memory stays about one copy of the weights
+        state[key] = state[key].to(dtype)
+    try:
+        return build(config, state).to(device), tokenizer
+    except ValueError as e:
+        raise LoadError(f"{path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing: an exported model in Hugging Face's layout, and a run's adapter
+
+def save(model, tokenizer, folder):
+    """Writes model.safetensors + config.json (Hugging Face names, rotate-half RoPE) + the tokenizer."""
+    os.makedirs(folder, exist_ok=True)
+    to_hf = {v: k for k, v in HF_NAMES.items()}
+    state = {rename(key, to_hf): value.contiguous() for key, value in model.state_dict().items()}
+    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_config(model.config), f, indent=1)
+    src = getattr(tokenizer, "source", None)
+    if isinstance(src, dict):  # the tokenizer lived in a GGUF's metadata: keep just that metadata
+        meta = {k: v for k, v in src.items() if k.startswith("tokenizer.")}
+        write_gguf_metadata(os.path.join(folder, "tokenizer.gguf"), meta)
+    elif src is not None:
+        src_dir = src if os.path.isdir(src) else os.path.dirname(src)
+        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+            if os.path.exists(os.path.join(src_dir, name)) and os.path.abspath(src_dir) != os.path.abspath(folder):
+                shutil.copy(os.path.join(src_dir, name), folder)
+
+
+def load_adapter(run, model):
+    """-> the adapter dict of a run folder, checked against the model's shapes."""
+    path = os.path.join(run, "adapter.safetensors")
+    if not os.path.exists(path):
+        raise LoadError(f"{path}: not found (is {run} a folder written by nute.py?)")
+    adapter = load_file(path)
+    want = mask_shapes(model.config)
+    params = dict(model.named_parameters())
+    for key, t in adapter.items():
+        if key.endswith((".lora_A", ".lora_B")):  # A [r, in], B [out, r] of the weight [out, in]
+            name = key[:-len(".lora_A")]
+            w, A = params.get(name + ".weight"), adapter.get(name + ".lora_A")
+            if w is None or A is None or name + ".lora_B" not in adapter:
+                raise LoadError(f"{path}: {key} has no weight of this model or no A/B partner")
+            want[key] = (A.shape[0], w.shape[1]) if key.endswith("A") else (w.shape[0], A.shape[0])
+        elif key not in want and key != "lora_scale":
+            raise LoadError(f"{path}: unexpected tensor {key}")
+        if key in want and tuple(t.shape) != want[key]:
+            raise LoadError(f"{path}: {key} has shape {list(t.shape)}, this model needs {list(want[key])}: "
+                            "the run was made from another base checkpoint (pass it with --ckpt)")
+    if any(k.endswith(".lora_A") for k in adapter) and "lora_scale" not in adapter:
+        raise LoadError(f"{path}: LoRA tensors but no lora_scale")
+    device = model.tok_embeddings.weight.device
+    adapter = {k: v.to(device) for k, v in adapter.items()}
+    if "lora_scale" in adapter:
+        adapter["lora_scale"] = float(adapter["lora_scale"])
+    return adapter
+
+
+def save_adapter(adapter, run):
+    """Writes a run's masks + LoRA (+ lora_scale) as run/adapter.safetensors, fp32 on the CPU."""
+    tensors = {k: torch.as_tensor(v).detach().float().cpu().contiguous() for k, v in adapter.items()}
+    save_file(tensors, os.path.join(run, "adapter.safetensors"))

@@ -1,0 +1,322 @@
+"""Tests for checkpoint.py: each layout (Hugging Face, Meta, GGUF) written by tests/helpers.py, loaded back
+and compared logit for logit; the GGUF reader against ggml's block formulas; bad files give LoadError."""
+import io
+import json
+import struct
+import types
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import checkpoint as C
+from checkpoint import LoadError
+from helpers import (ARR, BOOL, F32_, F64_, GGUF_TOKENS, I8, I16, I32, I64, STR, TO_HF, U8, U16, U32, U64, close,
+                     external_name, gguf_bytes, gguf_config, hf_config_dict, make_model, quantize, tiny_config,
+                     to_interleaved_state, tokens_for, write_gguf, write_hf, write_meta)
+
+UNEVEN = dict(n_layers=4, kv_of_head=[[0, 0, 1], [], [0], [0, 1, 1, 1]], ffn_dims=[24, 0, 7, 0])
+
+
+@pytest.fixture
+def fake_tokenizer(monkeypatch):
+    """Stands in for tokenizer.load_tokenizer so loader tests check the weights alone; records its argument."""
+    state = {"vocab_size": 0, "calls": []}
+
+    def load_tokenizer(src):
+        state["calls"].append(src)
+        return types.SimpleNamespace(vocab_size=state["vocab_size"])
+
+    monkeypatch.setattr(C, "load_tokenizer", load_tokenizer)
+    return state
+
+
+def assert_loaded(loaded, original, tok, exact=True):
+    assert not loaded.training and all(not p.requires_grad for p in loaded.parameters())
+    assert loaded.config.kv_of_head == original.config.kv_of_head and loaded.config.ffn_dims == original.config.ffn_dims
+    for f in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size", "tie_embeddings"):
+        assert getattr(loaded.config, f) == getattr(original.config, f), f
+    assert loaded.config.norm_eps == pytest.approx(original.config.norm_eps)
+    assert loaded.config.rope_theta == original.config.rope_theta
+    with torch.no_grad():
+        got, want = loaded(tok), original(tok)
+    if exact:
+        assert torch.equal(got, want)
+    else:
+        close(got, want, 1e-6, "loaded vs original")
+
+
+@pytest.mark.parametrize("tied, shards", [(False, 1), (True, 1), (False, 2), (True, 3)])
+def test_load_hf_safetensors(tmp_path, fake_tokenizer, tied, shards):
+    config = tiny_config(tie_embeddings=tied)
+    m, tok = make_model(config, dtype=torch.float32), tokens_for(config)
+    write_hf(tmp_path, m, shards=shards)
+    _, state = C.read_hf(str(tmp_path))
+    assert sorted(state) == sorted(m.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())  # HF is already rotate-half
+    loaded, tokenizer = C.load(str(tmp_path))
+    assert fake_tokenizer["calls"] == [str(tmp_path)]
+    assert_loaded(loaded, m, tok)
+    bf, _ = C.load(str(tmp_path), dtype=torch.bfloat16, max_seq_len=16)
+    assert all(p.dtype == torch.bfloat16 for p in bf.parameters()) and bf.config.max_seq_len == 16
+    assert bf.rope_cos.shape[0] == 16
+
+
+def test_load_hf_pruned_model_with_uneven_layers(tmp_path, fake_tokenizer):
+    """An exported (sliced) model: per-layer sizes travel in config.json (hf_config)."""
+    config = tiny_config(**UNEVEN)
+    m, tok = make_model(config, dtype=torch.float32), tokens_for(config)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(C.hf_config(config), f)
+    save_file({external_name(k, TO_HF, "model.layers.{}."): v for k, v in m.state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    loaded, _ = C.load(str(tmp_path))
+    assert loaded.layers[1].attention is None and loaded.layers[3].feed_forward is None
+    assert_loaded(loaded, m, tok)
+
+
+def test_load_hf_ignores_stored_rotary_inv_freq(tmp_path, fake_tokenizer):
+    """Older conversions (e.g. huggyllama/llama-7b) store self_attn.rotary_emb.inv_freq buffers."""
+    config = tiny_config()
+    m, tok = make_model(config, dtype=torch.float32), tokens_for(config)
+    inv = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim)
+    write_hf(tmp_path, m, extra={f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv.clone()
+                                 for i in range(config.n_layers)})
+    loaded, _ = C.load(str(tmp_path))
+    assert_loaded(loaded, m, tok)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_load_meta_pth(tmp_path, fake_tokenizer, shards):
+    config = tiny_config()  # head_dim = dim / n_heads, as Meta's params.json implies
+    m, tok = make_model(config, dtype=torch.float32), tokens_for(config)
+    write_meta(tmp_path, m, shards=shards)
+    _, state = C.read_meta(str(tmp_path))
+    want = to_interleaved_state(m)  # read_meta returns Meta's layout; load() converts q/k
+    assert sorted(state) == sorted(want) and all(torch.equal(state[k], v) for k, v in want.items())
+    assert C.interleaved_to_half(want["layers.0.attention.wq.weight"], 4).equal(m.layers[0].attention.wq.weight)
+    loaded, _ = C.load(str(tmp_path))
+    assert fake_tokenizer["calls"] == [str(tmp_path)]
+    assert_loaded(loaded, m, tok)
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+def test_load_gguf(tmp_path, fake_tokenizer, kind):
+    config = gguf_config(tie_embeddings=kind in ("F16", "Q4_1"))
+    m, tok = make_model(config, dtype=torch.float32), tokens_for(config)
+    path = str(tmp_path / "tiny.gguf")
+    expected = write_gguf(path, m, kind, alignment=64 if kind == "Q4_0" else None)
+    if kind == "F32":
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in expected.state_dict().items())
+    else:  # the test really is about quantized weights
+        err = (expected.layers[0].feed_forward.w1.weight - m.layers[0].feed_forward.w1.weight).abs().max()
+        assert 0 < err < 0.2
+    _, state, meta = C.read_gguf_model(path)
+    assert meta["tokenizer.ggml.tokens"] == GGUF_TOKENS and meta["general.name"] == "tiny test"
+    interleaved = to_interleaved_state(expected)
+    assert sorted(state) == sorted(interleaved) and all(torch.equal(state[k], v) for k, v in interleaved.items())
+    loaded, _ = C.load(path)
+    assert fake_tokenizer["calls"][0]["tokenizer.ggml.model"] == "gpt2"  # the tokenizer comes from the metadata
+    assert_loaded(loaded, expected, tok)
+
+
+def test_dequantize_against_the_formulas():
+    """Hand-made blocks decoded element by element, straight from ggml's block layouts."""
+    rng = np.random.default_rng(0)
+    half = lambda v: struct.pack("<e", v)
+    for kind, nbytes in (("Q8_0", 34), ("Q4_0", 18), ("Q4_1", 20)):
+        blocks, want = b"", []
+        for d, m in ((0.5, -1.25), (-0.0078125, 3.0), (1.5, 0.0)):
+            body = bytes(rng.integers(0, 256, nbytes - (4 if kind == "Q4_1" else 2), dtype=np.uint8))
+            blocks += half(d) + (half(m) if kind == "Q4_1" else b"") + body
+            for j in range(32):
+                if kind == "Q8_0":
+                    want.append(d * struct.unpack("<b", body[j:j + 1])[0])
+                else:
+                    nib = (body[j % 16] >> (4 * (j // 16))) & 15  # low nibbles: 0..15, high: 16..31
+                    want.append(d * (nib - 8) if kind == "Q4_0" else d * nib + m)
+        got = C.dequantize(np.frombuffer(blocks, np.uint8), kind, 96)
+        assert len(blocks) == 3 * nbytes and np.array_equal(got, np.array(want, np.float32)), kind
+    x = rng.standard_normal(64).astype(np.float32)
+    assert np.array_equal(C.dequantize(np.frombuffer(x.tobytes(), np.uint8), "F32", 64), x)
+    assert np.array_equal(C.dequantize(np.frombuffer(x.astype(np.float16).tobytes(), np.uint8), "F16", 64),
+                          x.astype(np.float16).astype(np.float32))
+    bf = np.frombuffer(struct.pack("<4H", 0x3F80, 0xC000, 0x4049, 0x0000), np.uint8)  # 1, -2, 3.140625, 0
+    assert C.dequantize(bf, "BF16", 4).tolist() == [1.0, -2.0, 3.140625, 0.0]
+
+
+def test_quantizer_round_trip_is_close():
+    """Our writer's quantizers against the data: a 4-bit block is within half a step of the input."""
+    x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    for kind, step in (("Q8_0", 1 / 127), ("Q4_0", 1 / 8), ("Q4_1", 2 / 15)):
+        raw, deq = quantize(x, kind)
+        b, dq = x.reshape(-1, 32), deq.reshape(-1, 32)
+        scale = np.abs(b).max(1, keepdims=True) if kind != "Q4_1" else b.max(1, keepdims=True) - b.min(1, keepdims=True)
+        assert (np.abs(b - dq) <= step * scale * 1.01 + 1e-3).all(), kind
+        assert np.array_equal(C.dequantize(np.frombuffer(raw, np.uint8), kind, x.size).reshape(x.shape), deq)
+
+
+def test_read_gguf_metadata_types(tmp_path):
+    kvs = [("a.u8", U8, 200), ("a.i8", I8, -3), ("a.u16", U16, 60000), ("a.i16", I16, -300), ("a.u32", U32, 4_000_000_000),
+           ("a.i32", I32, -70000), ("a.f32", F32_, 0.5), ("a.bool", BOOL, True), ("a.str", STR, "héllo"),
+           ("a.u64", U64, 2 ** 40), ("a.i64", I64, -(2 ** 40)), ("a.f64", F64_, 0.1),
+           ("a.arr_i32", ARR, (I32, [1, -2, 3])), ("a.arr_str", ARR, (STR, ["x", "", "ÿz"])),
+           ("a.arr_f32", ARR, (F32_, [0.25, 1.5])), ("a.arr_arr", ARR, (ARR, [(U8, [1, 2]), (U8, [])]))]
+    path = tmp_path / "meta.gguf"
+    path.write_bytes(gguf_bytes(kvs, []))
+    meta, tensors = C.read_gguf(str(path))
+    assert tensors == {}
+    want = {k: v for k, _, v in kvs}
+    want.update({"a.arr_i32": [1, -2, 3], "a.arr_str": ["x", "", "ÿz"], "a.arr_f32": [0.25, 1.5],
+                 "a.arr_arr": [[1, 2], []]})
+    assert meta == want
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad checkpoints raise LoadError (one line for the command line), never a traceback from deep inside
+
+def test_load_errors_missing_and_empty(tmp_path, fake_tokenizer):
+    with pytest.raises(LoadError):
+        C.load(str(tmp_path / "nope"))
+    with pytest.raises(LoadError):  # a folder with nothing in it
+        C.load(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(LoadError):  # a file that is neither a folder nor a GGUF
+        C.load(str(tmp_path / "notes.txt"))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(hf_config_dict(tiny_config())))
+    with pytest.raises(LoadError):  # config.json but no weights
+        C.load(str(hf))
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "params.json").write_text(json.dumps({"dim": 32, "n_layers": 2, "n_heads": 4}))
+    with pytest.raises(LoadError):  # params.json but no consolidated.*.pth
+        C.load(str(meta))
+
+
+def test_load_error_truncated_safetensors(tmp_path, fake_tokenizer):
+    m = make_model(tiny_config(), dtype=torch.float32)
+    write_hf(tmp_path, m)
+    f = tmp_path / "model.safetensors"
+    full = f.read_bytes()
+    for cut in (len(full) // 2, len(full) - 1, 100, 5):
+        f.write_bytes(full[:cut])
+        with pytest.raises(LoadError):
+            C.load(str(tmp_path))
+
+
+def test_load_error_weights_that_do_not_fit_the_config(tmp_path, fake_tokenizer):
+    m = make_model(tiny_config(), dtype=torch.float32)
+    write_hf(tmp_path, m)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 30
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError):
+        C.load(str(tmp_path))
+
+
+def test_load_error_truncated_gguf(tmp_path, fake_tokenizer):
+    config = gguf_config()
+    path = tmp_path / "t.gguf"
+    write_gguf(str(path), make_model(config, dtype=torch.float32), "Q8_0")
+    full = path.read_bytes()
+    header_end = full.index(b"blk.0.attn_q") - 8  # somewhere inside the tensor infos
+    # cut everywhere in the first bytes, every few bytes through the metadata (strings, string arrays,
+    # the int32 token_type array), inside the tensor infos and inside the data
+    cuts = list(range(0, 64)) + list(range(64, header_end + 400, 3)) + [len(full) - 1, len(full) - 4000]
+    for cut in cuts:
+        path.write_bytes(full[:cut])
+        try:
+            C.load(str(path))
+        except LoadError:
+            continue
+        except Exception as e:  # noqa: BLE001 - the point is which exception
+            raise AssertionError(f"GGUF cut at byte {cut} of {len(full)}: {type(e).__name__}: {e}") from None
+        raise AssertionError(f"GGUF cut at byte {cut} of {len(full)} loaded without error")
+
+
+def test_load_error_unsupported_gguf(tmp_path, fake_tokenizer):
+    config = gguf_config()
+    path = tmp_path / "t.gguf"
+    write_gguf(str(path), make_model(config, dtype=torch.float32), "Q8_0")
+    full = bytearray(path.read_bytes())
+    # ggml type 12 is Q4_K (a k-quant): patch the type of the first tensor (just after its 2 dims)
+    name = full.index(b"blk.0.attn_q.weight") + len(b"blk.0.attn_q.weight")
+    assert struct.unpack_from("<I", full, name + 4 + 16)[0] == 8
+    struct.pack_into("<I", full, name + 4 + 16, 12)
+    path.write_bytes(bytes(full))
+    with pytest.raises(LoadError, match="12"):
+        C.load(str(path))
+    gpt2 = tmp_path / "gpt2.gguf"  # an architecture we do not run
+    gpt2.write_bytes(gguf_bytes([("general.architecture", STR, "gpt2")], []))
+    with pytest.raises(LoadError):
+        C.load(str(gpt2))
+    v1 = tmp_path / "v1.gguf"
+    v1.write_bytes(b"GGUF" + struct.pack("<IQQ", 1, 0, 0))
+    with pytest.raises(LoadError):
+        C.load(str(v1))
+
+
+def test_load_error_tokenizer_larger_than_embedding(tmp_path, fake_tokenizer):
+    m = make_model(tiny_config(), dtype=torch.float32)
+    write_hf(tmp_path, m)
+    fake_tokenizer["vocab_size"] = 50
+    C.load(str(tmp_path))  # the same size is fine (smaller is fine too: padded embeddings)
+    fake_tokenizer["vocab_size"] = 51
+    with pytest.raises(LoadError, match="51"):
+        C.load(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loaders with the real tokenizer code (tokenizer.load_tokenizer)
+
+@pytest.fixture(scope="module")
+def sp_model_bytes():
+    """A 60-piece SentencePiece model trained on the spot (a fraction of a second)."""
+    import sentencepiece as spm
+    text = ["the quick brown fox jumps over the lazy dog", "pruning language models with progressive teachers",
+            "hello world this is a tiny corpus for a tiny tokenizer"] * 20
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=60, model_type="bpe",
+                                   hard_vocab_limit=False, minloglevel=2)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("layout", ["hf", "meta"])
+def test_load_with_sentencepiece_tokenizer(tmp_path, sp_model_bytes, layout):
+    config = tiny_config(vocab_size=64)
+    m, tok = make_model(config, dtype=torch.float32), tokens_for(config)
+    (write_hf if layout == "hf" else write_meta)(tmp_path, m)
+    (tmp_path / "tokenizer.model").write_bytes(sp_model_bytes)
+    loaded, tokenizer = C.load(str(tmp_path))
+    assert tokenizer.vocab_size == 60
+    ids = tokenizer.encode("the quick fox")
+    assert ids and max(ids) < 60 and tokenizer.decode(ids) == "the quick fox"
+    assert_loaded(loaded, m, tok)
+
+
+def test_load_error_real_tokenizer_larger_than_embedding(tmp_path, sp_model_bytes):
+    write_hf(tmp_path, make_model(tiny_config(vocab_size=59), dtype=torch.float32))
+    (tmp_path / "tokenizer.model").write_bytes(sp_model_bytes)
+    with pytest.raises(LoadError):
+        C.load(str(tmp_path))
+
+
+def test_load_gguf_with_its_tokenizer(tmp_path):
+    config = gguf_config(vocab_size=len(GGUF_TOKENS) + 2)  # embedding padded past the vocabulary
+    m, tok = make_model(config, dtype=torch.float32), tokens_for(config)
+    path = str(tmp_path / "tiny.gguf")
+    write_gguf(path, m, "F32")
+    loaded, tokenizer = C.load(path)
+    assert tokenizer.vocab_size == len(GGUF_TOKENS)
+    the = GGUF_TOKENS.index("Ġthe")
+    assert tokenizer.encode(" the") == [the] and tokenizer.decode([the]) == " the"
+    assert_loaded(loaded, m, tok)
+    small = tmp_path / "small.gguf"  # tokenizer with more tokens than the embedding has rows
+    write_gguf(str(small), m, "F32", tokenizer_size=len(GGUF_TOKENS) + 3)
+    with pytest.raises(LoadError):
+        C.load(str(small))
+
+
