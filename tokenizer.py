@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import regex
+import sentencepiece
 
 # Pre-tokenizers: byte-level BPE never merges across these pieces. Each list is applied in order,
 # every pattern splitting the pieces of the previous one (llama.cpp's and HF's "Isolated" split).
@@ -202,7 +203,6 @@ def tokenizer_from_gguf(meta):
 
 
 def tokenizer_from_sentencepiece(path):
-    import sentencepiece
     try:
         sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as e:

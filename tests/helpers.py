@@ -100,6 +100,13 @@ def make_tiny(folder, seed=0, **kw):
     return folder
 
 
+def tiny_tokenizer():
+    """Byte-level BPE with three merges: ' the' is one token (258), <|endoftext|> is 259."""
+    tokens = [tokenizer.BYTE_CHARS[b] for b in range(256)] + ["Ġt", "he", "Ġthe", "<|endoftext|>"]
+    return tokenizer.Tokenizer("bpe", tokens, ["<|endoftext|>"], None, 259, merges=["Ġ t", "h e", "Ġt he"],
+                          patterns=[tokenizer.GPT2_SPLIT])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checkpoint writers: Hugging Face, Meta, GGUF (header, metadata, tensor infos, aligned data)
 

@@ -270,6 +270,28 @@ def test_load_error_tokenizer_larger_than_embedding(tmp_path, fake_tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------------
+# A run's adapter
+
+def test_load_adapter(tmp_path):
+    tiny = make_model(tiny_config(dim=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128), dtype=torch.float32)
+    good = {"z_head": torch.ones(2, 4), "z_int": torch.ones(2, 128), "z_hid": torch.ones(64),
+            "layers.0.attention.wv.lora_A": torch.zeros(8, 64), "layers.0.attention.wv.lora_B": torch.zeros(32, 8),
+            "lora_scale": torch.tensor(2.0)}
+    save_file(good, tmp_path / "adapter.safetensors")
+    adapter = C.load_adapter(tmp_path, tiny)
+    assert adapter["lora_scale"] == 2.0 and adapter["z_int"].shape == (2, 128)
+    for key, bad in [("z_head", torch.ones(3, 4)), ("layers.0.attention.wv.lora_B", torch.zeros(64, 8))]:
+        save_file({**good, key: bad}, tmp_path / "adapter.safetensors")
+        with pytest.raises(LoadError, match=f"{key} has shape"):
+            C.load_adapter(tmp_path, tiny)
+    save_file({k: v for k, v in good.items() if not k.endswith("lora_A")}, tmp_path / "adapter.safetensors")
+    with pytest.raises(LoadError, match="no A/B partner"):
+        C.load_adapter(tmp_path, tiny)
+    with pytest.raises(LoadError, match="not found"):
+        C.load_adapter(tmp_path / "nope", tiny)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Loaders with the real tokenizer code (tokenizer.load_tokenizer)
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 import data
 import evaluate as E
 import nute
-from model import LoadError, ModelArgs, Transformer
+from checkpoint import LoadError
+from model import ModelConfig, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +44,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=300)
+    args = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=300)
     return Transformer(args).eval().requires_grad_(False)
 
 
@@ -167,7 +168,7 @@ def test_acc_norm_divides_by_choice_characters(monkeypatch):
     docs = [{"goal": "g", "sol1": "a", "sol2": "bbbb", "label": 1}, {"goal": "h", "sol1": "cc", "sol2": "d", "label": 0}]
     lls = [-2.0, -4.0, -3.0, -2.0]  # acc: 0 and 1 win; per character: -2 vs -1 and -1.5 vs -2
     monkeypatch.setattr(E, "score_requests", lambda *a, **k: lls)
-    model = type("M", (), {"args": ModelArgs(max_seq_len=64)})()
+    model = type("M", (), {"config": ModelConfig(max_seq_len=64)})()
     m = E.evaluate_task(model, WordTok(), "piqa", docs)
     assert m["acc"] == 0.0 and m["acc_norm"] == 1.0 and m["n"] == 2
 
@@ -175,7 +176,7 @@ def test_acc_norm_divides_by_choice_characters(monkeypatch):
 def test_requests_empty_context_and_truncation(monkeypatch):
     seen = []
     monkeypatch.setattr(E, "score_requests", lambda model, reqs, *a, **k: seen.extend(reqs) or [0.0] * len(reqs))
-    model = type("M", (), {"args": ModelArgs(max_seq_len=6)})()
+    model = type("M", (), {"config": ModelConfig(max_seq_len=6)})()
     tok = WordTok()
     E.evaluate_task(model, tok, "openbookqa", [{"question_stem": "", "choices": {"text": ["a b", "c"],
                                                                                  "label": ["A", "B"]}, "answerKey": "A"}])
@@ -185,24 +186,6 @@ def test_requests_empty_context_and_truncation(monkeypatch):
                                                                                               "label": ["A"]}, "answerKey": "A"}])
     ctx, cont = seen[0]
     assert len(ctx) + len(cont) - 1 == 6 and ctx == tok.encode("1 2 3 4 5 6 7")[-5:]  # cut from the left
-
-
-def test_load_adapter(tiny, tmp_path):
-    good = {"z_head": torch.ones(2, 4), "z_int": torch.ones(2, 128), "z_hid": torch.ones(64),
-            "layers.0.attention.wv.lora_A": torch.zeros(8, 64), "layers.0.attention.wv.lora_B": torch.zeros(32, 8),
-            "lora_scale": torch.tensor(2.0)}
-    save_file(good, tmp_path / "adapter.safetensors")
-    adapter = nute.load_adapter(tmp_path, tiny)
-    assert adapter["lora_scale"] == 2.0 and adapter["z_int"].shape == (2, 128)
-    for key, bad in [("z_head", torch.ones(3, 4)), ("layers.0.attention.wv.lora_B", torch.zeros(64, 8))]:
-        save_file({**good, key: bad}, tmp_path / "adapter.safetensors")
-        with pytest.raises(LoadError, match=f"{key} has shape"):
-            nute.load_adapter(tmp_path, tiny)
-    save_file({k: v for k, v in good.items() if not k.endswith("lora_A")}, tmp_path / "adapter.safetensors")
-    with pytest.raises(LoadError, match="no A/B partner"):
-        nute.load_adapter(tmp_path, tiny)
-    with pytest.raises(LoadError, match="not found"):
-        nute.load_adapter(tmp_path / "nope", tiny)
 
 
 def test_pruned_ratio_of_masks_equals_that_of_the_export(tiny):
@@ -250,15 +233,9 @@ real = pytest.mark.skipif(not (data.default_model_path().exists() and all(data.t
                           reason="SmolLM2 / tasks not fetched: run `python data.py fetch --tasks`")
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from model import load
-    return load(str(data.default_model_path()))
-
-
 @real
-def test_real_batched_scores_equal_one_forward_each(smollm2):
-    model, tok = smollm2
+def test_real_batched_scores_equal_one_forward_each(smollm):
+    model, tok, _ = smollm
     docs = data.read_jsonl(data.task_path("arc_easy"))[:4] + data.read_jsonl(data.task_path("boolq"))[:2]
     examples = [E.make_example("arc_easy", d) for d in docs[:4]] + [E.make_example("boolq", d) for d in docs[4:]]
     requests = [E.encode_pair(tok, c, x) for cs, xs, _, _ in examples for c, x in zip(cs, xs)]

@@ -10,8 +10,10 @@ from safetensors.torch import save_file
 import evaluate
 import experiments
 import nute
-from conftest import ROOT, make_tiny
-from model import ModelArgs, load
+from conftest import ROOT
+from helpers import make_tiny
+from checkpoint import load
+from model import ModelConfig, mask_shapes, mask_sparsity
 
 
 def test_experiments_smoke(tmp_path):
@@ -39,17 +41,17 @@ def test_experiments_smoke(tmp_path):
 
 
 def test_at_target_keeps_the_ranking_and_hits_the_target(tmp_path):
-    a = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96)
+    config = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96)
     gen = torch.Generator().manual_seed(0)
-    log_alpha = {k: torch.randn(v.shape, generator=gen) * 2 + 1 for k, v in nute.init_log_alpha(a, gen).items()}
+    log_alpha = {k: torch.randn(v.shape, generator=gen) * 2 + 1 for k, v in nute.init_log_alpha(config, gen).items()}
     torch.save({"log_alpha": log_alpha}, tmp_path / "checkpoint.pt")
     z0 = {k: nute.deterministic_z(v) for k, v in log_alpha.items()}
     save_file({**z0, "lora_scale": torch.tensor(1.0)}, str(tmp_path / "adapter.safetensors"))
-    s0 = nute.mask_sparsity(z0, a)
+    s0 = mask_sparsity(z0, config)
     for target in (s0 - 0.1, s0 + 0.1):
-        z = experiments.at_target(tmp_path, target, a)
+        z = experiments.at_target(tmp_path, target, config)
         # at or just below the target: one more hidden dim (the finest unit, 1/64 of everything) would pass it
-        assert target - 1 / 64 < nute.mask_sparsity(z, a) <= target
+        assert target - 1 / 64 < mask_sparsity(z, config) <= target
         for k, v in log_alpha.items():  # in every group the kept units are those with the largest log_alpha
             rows, kept = v.reshape(-1, v.shape[-1]), z[k].reshape(-1, v.shape[-1]) > 0
             for r, m in zip(rows, kept):
@@ -58,14 +60,14 @@ def test_at_target_keeps_the_ranking_and_hits_the_target(tmp_path):
             assert torch.equal(z[k][z[k] > 0], soft[z[k] > 0])  # kept units keep their soft values
     save_file({**z0, "z_hid": torch.ones(64), "lora_scale": torch.tensor(1.0)}, str(tmp_path / "adapter.safetensors"))
     with pytest.raises(SystemExit, match="does not hold the masks"):
-        experiments.at_target(tmp_path, s0, a)
+        experiments.at_target(tmp_path, s0, config)
 
 
 def test_teachers_table(tmp_path):
     model, _ = load(make_tiny(tmp_path / "ckpt"))
-    a, ids = model.args, [i % model.args.vocab_size for i in range(4 * 128)]
-    identity = {"z_head": torch.ones(a.n_layers, a.n_heads), "z_int": torch.ones(a.n_layers, a.ffn_dim), "z_hid": torch.ones(a.dim)}
-    pruned = {**identity, "z_int": torch.zeros(a.n_layers, a.ffn_dim)}
+    ids = [i % model.config.vocab_size for i in range(4 * 128)]
+    identity = {k: torch.ones(shape) for k, shape in mask_shapes(model.config).items()}
+    pruned = {**identity, "z_int": torch.zeros_like(identity["z_int"])}
     run = tmp_path / "run"
     run.mkdir()
     torch.save({"snapshots": {1: identity, 2: pruned}}, run / "checkpoint.pt")

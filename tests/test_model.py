@@ -4,9 +4,11 @@ Most tests build a tiny random model in float64 and compare two ways of computin
 tight tolerance, so a wrong index, a wrong RoPE layout or a mask in the wrong place fails loudly.
 The last few run the real SmolLM2-135M checkpoint and skip where it has not been downloaded.
 """
+import ast
 import copy
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -460,6 +462,49 @@ def test_slice_model_keeps_the_dtype(dtype):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Eq. 3: the size the masks leave
+
+LLAMA_7B = M.ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, ffn_dim=11008, vocab_size=32000)
+
+
+def test_eq3_on_llama7b_tables():
+    def sparsity(hid, heads, ffn):
+        zh, zi, zd = torch.zeros(32, 32), torch.zeros(32, 11008), torch.zeros(4096)
+        zd[:hid] = 1
+        for layer, (h, f) in enumerate(zip(heads, ffn)):
+            zh[layer, :h], zi[layer, :f] = 1, 1
+        return (1 - M.expected_size(zh, zi, zd, LLAMA_7B) / M.prunable_size(LLAMA_7B)).item()
+
+    assert sparsity(4096, [32] * 32, [11008] * 32) == 0
+    t16 = ([23, 22, 30, 22, 29, 27, 30, 28, 30, 30, 31, 30, 32, 27, 30, 30, 30, 29, 26, 25, 23, 21, 16, 21, 14, 15, 6, 7, 11, 8, 7, 9],
+           [5832, 7820, 9169, 9187, 8967, 9163, 9186, 9112, 9261, 9165, 9303, 9695, 10005, 10258, 10417, 10564,
+            10715, 10759, 10785, 10790, 10808, 10778, 10729, 10707, 10568, 10366, 10054, 9403, 8519, 7297, 6588, 5164])
+    t17 = ([24, 21, 27, 18, 26, 21, 20, 20, 25, 21, 27, 26, 23, 21, 25, 21, 23, 23, 21, 19, 16, 15, 6, 13, 7, 8, 2, 5, 7, 5, 3, 8],
+           [3980, 6216, 7120, 6590, 5889, 5731, 5283, 4944, 4879, 4563, 4590, 5040, 5469, 5832, 6215, 778,
+            7706, 8121, 8005, 8091, 8232, 7705, 6879, 6134, 4912, 3762, 3107, 2527, 2357, 2314, 2931, 2622])
+    assert abs(sparsity(4070, *t16) - 0.20) < 0.002  # Table 16: 0.2009
+    assert abs(sparsity(4021, *t17) - 0.512) < 0.001  # Table 17 as printed: layer 16's "778" overshoots 50%
+    fixed = list(t17[1])
+    fixed[15] = 6778  # a lost digit between its neighbours 6215 and 7706 gives the 50% the paper states
+    assert abs(sparsity(4021, t17[0], fixed) - 0.50) < 0.002
+
+
+def test_eq3_gqa_reduces_to_paper_formula_for_mha():
+    config = M.ModelConfig(dim=16, n_layers=3, n_heads=4, n_kv_heads=4, head_dim=4, ffn_dim=24)
+    g = torch.Generator().manual_seed(0)
+    ph, pi, pd = (torch.rand(s, generator=g, dtype=torch.float64) for s in ((3, 4), (3, 24), (16,)))
+    # Eq. 3 literally, with the outer products the reference code builds
+    literal = 4 * 4 * torch.einsum("lh,k->lhk", ph, pd).sum() + 3 * torch.einsum("li,k->lik", pi, pd).sum()
+    torch.testing.assert_close(M.expected_size(ph, pi, pd, config), literal)
+    assert M.prunable_size(config) == 3 * (4 * 16 * 16 + 3 * 16 * 24)
+    # GQA, binary: k/v rows of a group count while one of its query heads is kept
+    gqa = M.ModelConfig(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=4, ffn_dim=24)
+    zh = torch.tensor([[1.0, 0.0, 0.0, 0.0]])  # group 0 half kept, group 1 gone
+    size = M.expected_size(zh, torch.zeros(1, 24), torch.ones(16), gqa)
+    assert size == 2 * 16 * 4 * 1 + 2 * 16 * 4 * 1  # q+o of one head, k+v of one kv head
+
+
+# ----------------------------------------------------------------------------------------------------
 # The real checkpoint: SmolLM2-135M-Instruct (Q4_1 GGUF, grouped-query attention, tied embeddings)
 
 def test_real_model_says_paris(smollm):
@@ -510,3 +555,25 @@ def test_real_model_kv_cache_equals_full_forward(smollm):
         steps = [model(ids[:, :10], start_pos=0), model(ids[:, 10:16], start_pos=10)]
         steps += [model(ids[:, p:p + 1], start_pos=p) for p in range(16, ids.shape[1])]
     close(torch.cat(steps, 1), full, 1e-4, "real model: cache vs full")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The layout: each file imports only the files below it, and the network opens no file
+
+ORDER = ["model", "tokenizer", "checkpoint", "data", "baselines", "evaluate", "nute", "experiments", "bench"]
+
+
+def test_files_import_only_lower_files():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for i, name in enumerate(ORDER):
+        tree = ast.parse(open(os.path.join(root, name + ".py")).read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                ours = [m.split(".")[0] for m in mods if m.split(".")[0] in ORDER]
+                assert all(ORDER.index(m) < i for m in ours), f"{name}.py imports {ours}: not all below it"
+                assert not ours or node.col_offset == 0, f"{name}.py imports {ours} inside a function"
+        if name == "model":
+            calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+            assert "open" not in calls and all(m not in open(os.path.join(root, "model.py")).read()
+                                               for m in ("safetensors", "import os", "import json"))

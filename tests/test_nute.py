@@ -8,11 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import baselines
+import checkpoint
 import model
 import nute
-from conftest import ROOT, make_tiny
+from conftest import ROOT
+from helpers import make_tiny
 
-LLAMA_7B = model.ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, ffn_dim=11008, vocab_size=32000)
 
 
 @pytest.fixture(scope="module")
@@ -64,43 +66,6 @@ def test_deterministic_mask_count_and_values():
     assert nute.deterministic_z(torch.full((8,), 10.0)).min() > 0.99  # intact init keeps everything
 
 
-def test_eq3_on_llama7b_tables():
-    def sparsity(hid, heads, ffn):
-        zh, zi, zd = torch.zeros(32, 32), torch.zeros(32, 11008), torch.zeros(4096)
-        zd[:hid] = 1
-        for layer, (h, f) in enumerate(zip(heads, ffn)):
-            zh[layer, :h], zi[layer, :f] = 1, 1
-        return (1 - nute.expected_size(zh, zi, zd, LLAMA_7B) / nute.prunable_size(LLAMA_7B)).item()
-
-    assert sparsity(4096, [32] * 32, [11008] * 32) == 0
-    t16 = ([23, 22, 30, 22, 29, 27, 30, 28, 30, 30, 31, 30, 32, 27, 30, 30, 30, 29, 26, 25, 23, 21, 16, 21, 14, 15, 6, 7, 11, 8, 7, 9],
-           [5832, 7820, 9169, 9187, 8967, 9163, 9186, 9112, 9261, 9165, 9303, 9695, 10005, 10258, 10417, 10564,
-            10715, 10759, 10785, 10790, 10808, 10778, 10729, 10707, 10568, 10366, 10054, 9403, 8519, 7297, 6588, 5164])
-    t17 = ([24, 21, 27, 18, 26, 21, 20, 20, 25, 21, 27, 26, 23, 21, 25, 21, 23, 23, 21, 19, 16, 15, 6, 13, 7, 8, 2, 5, 7, 5, 3, 8],
-           [3980, 6216, 7120, 6590, 5889, 5731, 5283, 4944, 4879, 4563, 4590, 5040, 5469, 5832, 6215, 778,
-            7706, 8121, 8005, 8091, 8232, 7705, 6879, 6134, 4912, 3762, 3107, 2527, 2357, 2314, 2931, 2622])
-    assert abs(sparsity(4070, *t16) - 0.20) < 0.002  # Table 16: 0.2009
-    assert abs(sparsity(4021, *t17) - 0.512) < 0.001  # Table 17 as printed: layer 16's "778" overshoots 50%
-    fixed = list(t17[1])
-    fixed[15] = 6778  # a lost digit between its neighbours 6215 and 7706 gives the 50% the paper states
-    assert abs(sparsity(4021, t17[0], fixed) - 0.50) < 0.002
-
-
-def test_eq3_gqa_reduces_to_paper_formula_for_mha():
-    args = model.ModelArgs(dim=16, n_layers=3, n_heads=4, n_kv_heads=4, head_dim=4, ffn_dim=24)
-    g = torch.Generator().manual_seed(0)
-    ph, pi, pd = (torch.rand(s, generator=g, dtype=torch.float64) for s in ((3, 4), (3, 24), (16,)))
-    # Eq. 3 literally, with the outer products the reference code builds
-    literal = 4 * 4 * torch.einsum("lh,k->lhk", ph, pd).sum() + 3 * torch.einsum("li,k->lik", pi, pd).sum()
-    torch.testing.assert_close(nute.expected_size(ph, pi, pd, args), literal)
-    assert nute.prunable_size(args) == 3 * (4 * 16 * 16 + 3 * 16 * 24)
-    # GQA, binary: k/v rows of a group count while one of its query heads is kept
-    gqa = model.ModelArgs(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=4, ffn_dim=24)
-    zh = torch.tensor([[1.0, 0.0, 0.0, 0.0]])  # group 0 half kept, group 1 gone
-    size = nute.expected_size(zh, torch.zeros(1, 24), torch.ones(16), gqa)
-    assert size == 2 * 16 * 4 * 1 + 2 * 16 * 4 * 1  # q+o of one head, k+v of one kv head
-
-
 # ----------------------------------------------------------------------------------------------------
 # The teacher schedule
 
@@ -112,7 +77,7 @@ def schedule(target, steps=140, warmup=80):
         s = target * min(1.0, step / warmup)
         key = q.teacher_key(step, s, warmup, steps, target)
         out.append(None if key is None else round(key * 0.01, 2))
-        q.maybe_snapshot(s, target, {"z_hid": torch.zeros(2)}, {}, 1.0)
+        q.maybe_snapshot(s, target, nute.Student({"z_hid": torch.zeros(2)}, {}, 1.0, {}))
     return out, q
 
 
@@ -153,14 +118,14 @@ def test_lagrangian_reaches_and_holds_target(tiny, tmp_path):
     tail = [r["expected_sparsity"] for r in rows[150:]]
     assert max(abs(s - 0.3) for s in tail) < 0.02, tail
     adapter = load_file(str(tmp_path / "r" / "adapter.safetensors"))
-    size = nute.expected_size(*((adapter[k] > 0).float() for k in nute.MASKS), model.load(str(tiny[0]))[0].args)
-    assert abs(1 - size / nute.prunable_size(model.load(str(tiny[0]))[0].args) - 0.3) < 0.05
+    size = model.expected_size(*((adapter[k] > 0).float() for k in model.MASKS), checkpoint.load(str(tiny[0]))[0].config)
+    assert abs(1 - size / model.prunable_size(checkpoint.load(str(tiny[0]))[0].config) - 0.3) < 0.05
 
 
 def test_teacher_forward_leaves_student_untouched(tiny):
-    m, _ = model.load(str(tiny[0]))
+    m, _ = checkpoint.load(str(tiny[0]))
     g = torch.Generator().manual_seed(0)
-    log_alpha = {k: v.requires_grad_(True) for k, v in nute.init_log_alpha(m.args, g).items()}
+    log_alpha = {k: v.requires_grad_(True) for k, v in nute.init_log_alpha(m.config, g).items()}
     lora = {k: v.requires_grad_(True) for k, v in nute.init_lora(m, ["q", "v"], 4, g).items()}
     for v in lora.values():
         v.data.normal_(0, 0.1, generator=g)
@@ -192,7 +157,7 @@ def test_teacher_forward_leaves_student_untouched(tiny):
 def test_masks_only_and_finetune(tiny, tmp_path):
     run(tiny, tmp_path / "m", "--target", "0.2", "--steps", "30", "--masks-only")
     adapter = load_file(str(tmp_path / "m" / "adapter.safetensors"))
-    assert not any(".lora_" in k for k in adapter) and set(nute.MASKS) <= set(adapter)
+    assert not any(".lora_" in k for k in adapter) and set(model.MASKS) <= set(adapter)
 
     run(tiny, tmp_path / "p", "--target", "0.2", "--steps", "30")
     pruned = load_file(str(tmp_path / "p" / "adapter.safetensors"))
@@ -201,7 +166,7 @@ def test_masks_only_and_finetune(tiny, tmp_path):
                                   {"instruction": "Add", "input": "1 and 2", "output": "3"}]))
     run(tiny, tmp_path / "ft", "--run", tmp_path / "p", "--finetune", alpaca, "--steps", "10", "--seq-len", "256")
     tuned = load_file(str(tmp_path / "ft" / "adapter.safetensors"))
-    for k in nute.MASKS:
+    for k in model.MASKS:
         assert torch.equal(tuned[k], pruned[k]), k  # post fine-tuning changes no mask
     assert sum(".lora_A" in k for k in tuned) == 3 * 7  # LoRA grown to all seven projections
     assert not torch.equal(tuned["layers.0.attention.wq.lora_B"], pruned["layers.0.attention.wq.lora_B"])
@@ -221,16 +186,16 @@ def test_resume_gives_same_masks(tiny, tmp_path):
 
 
 def test_export_equals_masked_model_and_formula(tiny):
-    m, _ = model.load(str(tiny[0]))
+    m, _ = checkpoint.load(str(tiny[0]))
     g = torch.Generator().manual_seed(3)
-    args = m.args
+    config = m.config
     adapter = {"z_head": torch.rand(3, 4, generator=g) * (torch.rand(3, 4, generator=g) > 0.4),
                "z_int": torch.rand(3, 96, generator=g) * (torch.rand(3, 96, generator=g) > 0.5),
                "z_hid": torch.rand(48, generator=g) * (torch.rand(48, generator=g) > 0.3), "lora_scale": 0.5}
     adapter["z_head"][1] = 0  # a layer without attention
     adapter["z_head"][0] = torch.tensor([0.9, 0.7, 0.0, 0.0])  # kv group 1 of layer 0 emptied
     adapter["z_int"][2] = 0  # a layer without FFN
-    adapter = nute.init_lora(m, list(nute.LORA_TARGETS), 3, g, adapter)
+    adapter = nute.init_lora(m, list(model.LORA_TARGETS), 3, g, adapter)
     for k in adapter:
         if ".lora_B" in k:
             adapter[k] = torch.randn(adapter[k].shape, generator=g) * 0.1
@@ -239,10 +204,10 @@ def test_export_equals_masked_model_and_formula(tiny):
     want = m(x, adapter)
     torch.testing.assert_close(small(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     k = int((adapter["z_hid"] > 0).sum())
-    binary = [(adapter[n] > 0).float() for n in nute.MASKS]
-    rest = args.vocab_size * k + (2 * args.n_layers + 1) * k + (0 if args.tie_embeddings else args.vocab_size * k)
-    assert sum(p.numel() for p in small.parameters()) == nute.expected_size(*binary, args).item() + rest
-    assert small.args.kv_of_head[0] == [0, 0] and small.args.kv_of_head[1] == [] and small.args.ffn_dims[2] == 0
+    binary = [(adapter[n] > 0).float() for n in model.MASKS]
+    rest = config.vocab_size * k + (2 * config.n_layers + 1) * k + (0 if config.tie_embeddings else config.vocab_size * k)
+    assert sum(p.numel() for p in small.parameters()) == model.expected_size(*binary, config).item() + rest
+    assert small.config.kv_of_head[0] == [0, 0] and small.config.kv_of_head[1] == [] and small.config.ffn_dims[2] == 0
     assert model.generate(small, [1, 2, 3], 8) == model.generate(m, [1, 2, 3], 8, adapter)
 
 
@@ -275,20 +240,20 @@ def test_resume_with_other_model_refused(tiny, tmp_path):
 
 
 def test_magnitude_masks_reach_target_and_drop_smallest(tiny):
-    m, _ = model.load(str(tiny[0]))
+    m, _ = checkpoint.load(str(tiny[0]))
     with torch.no_grad():
         m.layers[1].feed_forward.w1.weight[7] *= 0.01  # a unit with tiny weights must go first
-    z = nute.magnitude_masks(m, 0.3)
-    size = nute.expected_size(z["z_head"], z["z_int"], z["z_hid"], m.args).item()
-    M = nute.prunable_size(m.args)
-    assert (1 - 0.3) * M - 4 * m.args.dim * m.args.head_dim < size <= (1 - 0.3) * M  # stops right at the target
+    z = baselines.magnitude_masks(m, 0.3)
+    size = model.expected_size(z["z_head"], z["z_int"], z["z_hid"], m.config).item()
+    M = model.prunable_size(m.config)
+    assert (1 - 0.3) * M - 4 * m.config.dim * m.config.head_dim < size <= (1 - 0.3) * M  # stops right at the target
     assert z["z_int"][1, 7] == 0 and z["z_hid"].all()
 
 
 def test_magnitude_run_trains_lora_with_fixed_masks(tiny, tmp_path):
     run(tiny, tmp_path / "mag", "--target", "0.3", "--steps", "6", "--magnitude", "--distill", "none")
     adapter = load_file(str(tmp_path / "mag" / "adapter.safetensors"))
-    want = nute.magnitude_masks(model.load(str(tiny[0]))[0], 0.3)
-    for k in nute.MASKS:
+    want = baselines.magnitude_masks(checkpoint.load(str(tiny[0]))[0], 0.3)
+    for k in model.MASKS:
         assert torch.equal(adapter[k], want[k]), k
     assert adapter["layers.0.attention.wq.lora_B"].abs().sum() > 0  # LoRA learned

@@ -1,0 +1,152 @@
+"""Tests for tokenizer.py: exact tokenization against llama.cpp's references (shared/data/tokenizers), Hugging
+Face tokenizer.json and SentencePiece files, and clear errors for files that are not tokenizers."""
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+import data
+import tokenizer
+from checkpoint import read_gguf
+from helpers import tiny_tokenizer
+
+SHARED = Path(__file__).parents[2] / "shared" / "data" / "tokenizers"
+SEP = "\n__ggml_vocab_test__\n"
+
+
+def reference_cases(name):
+    """llama.cpp's test format: strings joined by SEP (one after the last too), ids one line each."""
+    inp = (SHARED / f"{name}.inp").read_text(encoding="utf-8")
+    out = (SHARED / f"{name}.out").read_text(encoding="utf-8")
+    texts, lines = inp.split(SEP), out.split("\n")
+    assert texts[-1] == "" and lines[-1] == ""  # both files end with a separator / newline
+    assert len(texts) == len(lines)
+    return [(t, [int(i) for i in line.split()]) for t, line in zip(texts[:-1], lines[:-1])]
+
+
+def gguf_meta(path):
+    return read_gguf(path, tensors=False)[0]
+
+
+VOCABS = {  # reference name -> GGUF holding the vocabulary
+    "ggml-vocab-llama-spm.gguf": lambda: SHARED / "ggml-vocab-llama-spm.gguf",
+    "ggml-vocab-llama-bpe.gguf": lambda: SHARED / "ggml-vocab-llama-bpe.gguf",
+    "smollm2": data.default_model_path,
+}
+
+
+@pytest.fixture(scope="module")
+def vocab_meta():
+    cache = {}
+
+    def get(name):
+        if not SHARED.exists():
+            pytest.skip(f"reference tokenizations not found ({SHARED})")
+        path = VOCABS[name]()
+        if not path.exists():
+            pytest.skip(f"{path} not found; run `python data.py fetch`")
+        if name not in cache:
+            cache[name] = gguf_meta(path)
+        return cache[name]
+    return get
+
+
+@pytest.mark.parametrize("name", VOCABS)
+def test_gguf_tokenizer_matches_llama_cpp(vocab_meta, name):
+    tok = tokenizer.load_tokenizer(vocab_meta(name))
+    cases = reference_cases(name)
+    assert len(cases) >= 46
+    for text, want in cases:
+        assert tok.encode(text) == want, repr(text)
+        assert tok.decode(want) == text, repr(text)  # byte fallback makes every string round-trip
+
+
+def test_tokenizer_attributes(vocab_meta):
+    tok = tokenizer.load_tokenizer(vocab_meta("smollm2"))
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.add_bos) == (49152, 1, 2, False)
+    assert tok.encode("<|im_start|>") == [1] and tok.encode("<|im_start") != [1]
+    assert tok.decode([1, 2]) == "<|im_start|><|im_end|>"
+    spm = tokenizer.load_tokenizer(vocab_meta("ggml-vocab-llama-spm.gguf"))
+    assert (spm.vocab_size, spm.bos_id, spm.eos_id, spm.add_bos) == (32000, 1, 2, True)
+    assert spm.encode("\n") == [29871, 13]  # "▁" (the space prefix), then byte fallback <0x0A>
+
+
+def hf_json(meta, pre_tokenizer, tmp_path, pairs=False, ignore_merges=False):
+    """Write a tokenizer.json holding a GGUF's byte-level vocabulary, in Hugging Face's layout."""
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    merges = meta["tokenizer.ggml.merges"]
+    cfg = {"normalizer": None, "pre_tokenizer": pre_tokenizer,
+           "added_tokens": [{"id": i, "content": t, "special": True} for i, t in enumerate(tokens) if types[i] == 3],
+           "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)}, "ignore_merges": ignore_merges,
+                     "merges": [m.split(" ") for m in merges] if pairs else merges}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(cfg), encoding="utf-8")
+    return tmp_path
+
+
+def test_hf_tokenizer_json_smollm2(vocab_meta, tmp_path):
+    pre = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                 {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}]}
+    tok = tokenizer.load_tokenizer(hf_json(vocab_meta("smollm2"), pre, tmp_path, pairs=True))  # a directory
+    for text, want in reference_cases("smollm2"):
+        assert tok.encode(text) == want, repr(text)
+
+
+def test_hf_tokenizer_json_llama3(vocab_meta, tmp_path):
+    pre = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": tokenizer.LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}
+    path = hf_json(vocab_meta("ggml-vocab-llama-bpe.gguf"), pre, tmp_path, ignore_merges=True) / "tokenizer.json"
+    tok = tokenizer.load_tokenizer(path)
+    for text, want in reference_cases("ggml-vocab-llama-bpe.gguf"):
+        assert tok.encode(text) == want, repr(text)
+
+
+def test_sentencepiece_model(tmp_path):
+    """A tokenizer.model runs through the sentencepiece library; our own llama.cpp-style SPM
+    algorithm, given the same pieces and scores, must produce the same ids."""
+    import sentencepiece
+    lines = [f"The quick brown fox jumps over the lazy dog number {i}." for i in range(300)]
+    lines += ["Hello world, hello tokenizer; naïve café."] * 20
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=400, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=3)
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    tok = tokenizer.load_tokenizer(tmp_path)
+    assert tok.kind == "sp" and (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 400)
+    sp = tok.sp
+    ours = tokenizer.Tokenizer("spm", tok.tokens, ["<s>", "</s>"], 1, 2,
+                          scores=[sp.get_score(i) for i in range(sp.get_piece_size())],
+                          byte_ids=[i for i in range(sp.get_piece_size()) if sp.is_byte(i)])
+    for text in ["Hello world", " Hello  world 42", "the lazy dog jumped", "naïve ½ 🦙\n\tx", ""]:
+        ids = tok.encode(text)
+        assert ids == sp.encode(text) == ours.encode(text), repr(text)
+        assert tok.decode(ids) == ours.decode(ids) == text
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(ValueError, match="no tokenizer.model or tokenizer.json"):
+        tokenizer.load_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="not found"):
+        tokenizer.load_tokenizer(tmp_path / "missing.model")
+    with pytest.raises(ValueError, match="no tokenizer"):
+        tokenizer.load_tokenizer({"general.architecture": "llama"})
+    with pytest.raises(ValueError, match="not supported"):
+        tokenizer.load_tokenizer({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a tokenizer.json"):
+        tokenizer.load_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "bad.model").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a SentencePiece model"):
+        tokenizer.load_tokenizer(tmp_path / "bad.model")
+
+
+def test_tiny_bpe():
+    tok = tiny_tokenizer()
+    assert tok.encode(" the") == [258]
+    assert tok.encode("the") == [ord("t"), 257]
+    assert tok.encode("a<|endoftext|>é") == [ord("a"), 259, 0xC3, 0xA9]  # é: two byte tokens
+    assert tok.decode(tok.encode("x the é<|endoftext|>")) == "x the é<|endoftext|>"
+
+
