@@ -1,8 +1,7 @@
 """The paper's comparison on one model: NutePrune against its ablations and a magnitude baseline.
 
     python experiments.py                       # SmolLM2-135M, 20% and 50%, budget sized for a 2-core CPU
-    python experiments.py --ckpt llama-7b --steps 3000 --batch-size 8 --seq-len 512 --limit 0 \
-        --lr-lambda 0.1 --layer-weight 0.9                                      # a GPU budget, reference losses
+    python experiments.py --ckpt llama-7b --steps 3000 --batch-size 8 --seq-len 512 --limit 0   # a GPU budget
 
 Every row gets the same data, token budget and seed. Each finished run is kept in --out and skipped when
 the script runs again (an interrupted one resumes), and --out/table.md is rewritten after every row. The
@@ -95,8 +94,6 @@ def get_args():
     p.add_argument("--tasks", default="all")
     p.add_argument("--limit", type=int, default=200, help="first N examples of each task; 0 = full splits")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
-    p.add_argument("--lr-lambda", type=float, default=10.0, help="as nute.py's embedded short schedule")
-    p.add_argument("--layer-weight", type=float, default=0.0, help="as nute.py's embedded short schedule")
     p.add_argument("--out", default="results")
     return p.parse_args()
 
@@ -154,8 +151,7 @@ def main():
         heldout = out / "heldout-wiki.txt"
         heldout.write_text("\n\n".join(data.default_texts()[1]))
     common = ["--ckpt", args.ckpt, "--steps", args.steps, "--batch-size", args.batch_size,
-              "--seq-len", args.seq_len, "--dtype", args.dtype, "--seed", 0, "--no-eval",
-              "--lr-lambda", args.lr_lambda, "--layer-weight", args.layer_weight]
+              "--seq-len", args.seq_len, "--dtype", args.dtype, "--seed", 0, "--no-eval"]
     common += ["--data", args.data] if args.data else []
     scoring = ["--ppl", heldout, "--dtype", args.dtype]
     scoring += ["--tasks", args.tasks] if args.tasks != "none" else []

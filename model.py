@@ -230,7 +230,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, tokens, adapter=None, start_pos=None, return_hidden=False):
-        """tokens [B, T] -> logits [B, T, vocab] (and the hidden state after each layer if asked).
+        """tokens [B, T] -> logits [B, T, vocab], and with return_hidden the states the layer loss compares:
+        Hugging Face's hidden_states[1:], i.e. the outputs of layers 0..L-2 and then the final *normed* state.
 
         adapter: None runs the intact model. Otherwise a flat dict of tensors, all optional:
           "z_head" [n_layers, n_heads], "z_int" [n_layers, ffn_dim], "z_hid" [dim]  masks (Eq. 1-2);
@@ -253,7 +254,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, adapter, i, start_pos)
             hidden.append(h)
-        h = self.norm(h)
+        h = hidden[-1] = self.norm(h)  # [B, T, dim]
         logits = F.linear(h, self.tok_embeddings.weight if self.output is None else self.output.weight)
         return (logits, hidden) if return_hidden else logits
 

@@ -32,6 +32,7 @@ from model import LORA_TARGETS, MASKS, expected_size, mask_shapes, mask_sparsity
 # Hard-concrete L0 masks (Louizos et al. 2017; paper Appendix A, Eq. 10)
 
 LIMIT_L, LIMIT_R, BETA, EPS = -0.1, 1.1, 2 / 3, 1e-6
+LOG_ALPHA_MIN, LOG_ALPHA_MAX = math.log(0.01), math.log(100)  # log_alpha is clamped here after every step
 
 
 def init_log_alpha(config, gen):
@@ -73,8 +74,27 @@ def expected_sparsity(log_alpha, config):
 
 
 def lagrangian(s_hat, target, lambdas):
-    """Eq. 11: lambda1 (s - t) + lambda2 (s - t)^2; the lambdas are trained by gradient ascent."""
+    """Eq. 11: lambda1 (s - t) + lambda2 (s - t)^2; the lambdas are trained by gradient ascent
+    (`--controller lagrangian`, the paper's way to reach the target)."""
     return lambdas[0] * (s_hat - target) + lambdas[1] * (s_hat - target) ** 2
+
+
+@torch.no_grad()
+def project_to_target(log_alpha, target, config, iters=50):
+    """The default controller (`--controller project`, not in the paper): after each optimizer step, shift
+    every log_alpha by one constant c so that Eq. 3's expected sparsity equals the ramped target exactly.
+    s_hat(log_alpha + c) falls monotonically in c, so bisection finds c. The shift sets how many units are
+    kept; which ones is left to what the task gradient taught log_alpha (a common shift keeps their order).
+    Unlike Eq. 11 it has no state, so nothing winds up, and it needs no rate: it reaches any target in one
+    step, where Adam moves log_alpha ~lr a step from its clamp (tens of steps before the first unit goes)."""
+    shifted = lambda c: {k: (v + c).clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX) for k, v in log_alpha.items()}
+    span = 2 * (LOG_ALPHA_MAX - LOG_ALPHA_MIN)  # enough to move any log_alpha from one clamp to the other
+    lo, hi = -span, span
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_sparsity(shifted(mid), config) > target else (lo, mid)
+    for k, v in shifted((lo + hi) / 2).items():
+        log_alpha[k].copy_(v)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,47 +137,68 @@ class Student:
 # Progressive knowledge distillation with numerous teachers (Sec. 3.2, Eq. 8-9)
 
 class TeacherQueue:
-    """Snapshots of the student's deterministic masks + LoRA, one per `interval` of expected sparsity.
+    """Snapshots of the student's deterministic masks + LoRA at sparsity points i, 2i, ... below the target.
 
+    Recording (as the reference): at most one snapshot a step, in order; a step that passed several points
+    records the next one, the following steps the rest.
     Schedule (`teacher_key`), with gap g and interval i (defaults 0.10 and 0.01):
-      stage 1, step < warmup (the target still grows): a student at sparsity s learns from the snapshot
-        taken at s - g, i.e. key floor((s - g) / i) (Eq. 8); while s < g + i, from the intact model (Eq. 9).
-      stage 2, the target is reached: the same rule runs on a sparsity that falls linearly from the
-        target to 0 over the remaining steps, so teachers go from weak (t - g) to strong, and the intact
-        model teaches the final g / t of stage 2 (50% at t = 0.2, 20% at t = 0.5).
+      stage 1, until every point is recorded and the student has reached the target: a student at
+        sparsity s learns from the snapshot at s - g, key floor((s - g) / i) (Eq. 8); while there is no
+        such snapshot (s < g + i), from the intact model (Eq. 9).
+      stage 2, from then to the end: a sparsity that falls linearly from the target to 0 picks the
+        snapshot at or just above it, less g, so the teachers go from weak (t - g) to strong, an equal
+        share of steps each, and the intact model teaches the final g / t of stage 2 (50% at t = 0.2).
     A snapshot lives on the CPU; a teacher forward moves it to the device for that forward only.
     """
 
-    def __init__(self, interval=0.01, gap=0.10):
-        self.interval, self.gap, self.snapshots = interval, gap, {}  # key k -> adapter at sparsity ~ k * i
+    def __init__(self, target, interval=0.01, gap=0.10):
+        self.target, self.interval, self.gap = target, interval, gap
+        self.points = math.ceil(target / interval - 1e-6) - 1  # keys 1 .. points: every interval below the target
+        self.snapshots, self.stage2_start = {}, None  # key k -> adapter at sparsity k * i; the step stage 2 began
 
-    def maybe_snapshot(self, s_hat, target, student):
-        k = math.floor(s_hat / self.interval + 1e-6)
-        if k >= 1 and k * self.interval < target - 1e-6 and k not in self.snapshots:
+    def maybe_snapshot(self, s_hat, student):
+        k = len(self.snapshots) + 1
+        if k <= self.points and s_hat >= k * self.interval - 1e-6:
             self.snapshots[k] = student.frozen()
             return k
 
-    def teacher_key(self, step, s_student, warmup, steps, target):
+    def teacher_key(self, step, s_student, steps):
         """-> the snapshot key that teaches at this step, or None for the intact model."""
-        s = s_student if step < warmup else target * (1 - (step - warmup) / max(1, steps - warmup))
-        k = math.floor((s - self.gap) / self.interval + 1e-6)
+        if self.stage2_start is None and len(self.snapshots) == self.points and s_student >= self.target - 1e-6:
+            self.stage2_start = step
+        if self.stage2_start is None:  # Eq. 8-9
+            k = math.floor((s_student - self.gap) / self.interval + 1e-6)
+        else:
+            s = self.target * (1 - (step - self.stage2_start) / max(1, steps - self.stage2_start))
+            k = math.ceil((s - self.gap) / self.interval - 1e-6)
         usable = [key for key in self.snapshots if key <= k]
         return max(usable) if usable else None
+
+    def state(self):
+        return {"snapshots": self.snapshots, "stage2_start": self.stage2_start}
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for snap in self.snapshots.values() for t in snap.values())
 
 
-def distill_loss(logits_s, logits_t, hidden_s, hidden_t, z_hid, temperature):
+def distill_loss(logits_s, logits_t, hidden_s, hidden_t, z_hid, temperature, layer_norm="none"):
     """Eq. 5: KL(teacher || student) at temperature T, summed over tokens, averaged over the batch.
-    Eq. 6: sum over layers of the MSE of hidden states, over the hidden dims the student keeps."""
+    Eq. 6: sum over the states of Transformer.forward(return_hidden=True) (HF's hidden_states[1:]) of their
+    MSE over the hidden dims the student keeps, each cast to fp16 as the reference does (so an MSE past
+    65504 is inf and its step is skipped). layer_norm="teacher" (not in the reference) divides each MSE by
+    the teacher's mean square there: every layer then counts alike, where SmolLM2's few huge activations
+    otherwise make the sum (README, "The losses")."""
     T = temperature
     kl = F.kl_div(F.log_softmax(logits_s.float() / T, -1), F.softmax(logits_t.float() / T, -1),
                   reduction="batchmean") * T * T
-    kept = z_hid > 0
-    layer = sum((F.mse_loss(hs.float()[..., kept], ht.float()[..., kept]) for hs, ht in zip(hidden_s, hidden_t)),
-                torch.tensor(0.0))
-    return kl, layer
+    kept, layer = z_hid > 0, torch.zeros((), device=logits_s.device)
+    for hs, ht in zip(hidden_s, hidden_t):
+        hs, ht = hs.float()[..., kept], ht.float()[..., kept]
+        mse = F.mse_loss(hs, ht)
+        if layer_norm == "teacher":
+            mse = mse / ht.pow(2).mean().clamp(min=1e-12)
+        layer = layer + mse.half()
+    return kl, layer.float()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,8 +211,9 @@ def next_token_loss(logits, tokens, loss_mask):
 
 
 def micro_step(model, x, loss_mask, student, teacher, distill, args):
-    """Forward and backward of one micro-batch -> its loss terms. teacher: an adapter, or None for the
-    intact model; distill=False trains on the next-token loss instead (no-KD ablation, fine-tuning)."""
+    """Forward and backward of one micro-batch -> its loss terms ("skipped" when the loss is not finite).
+    teacher: an adapter, or None for the intact model; distill=False trains on the next-token loss instead
+    (no-KD ablation, fine-tuning)."""
     logits, hidden = model(x, student, return_hidden=True)
     if not distill:
         loss = next_token_loss(logits, x, loss_mask)
@@ -180,9 +222,11 @@ def micro_step(model, x, loss_mask, student, teacher, distill, args):
         with torch.no_grad():  # same base weights, teacher masks + LoRA: no second model
             logits_t, hidden_t = model(x, teacher, return_hidden=True)
         hidden = hidden if args.layer_weight else []  # weight 0: skip the layer loss altogether
-        kl, layer = distill_loss(logits, logits_t, hidden, hidden_t, student["z_hid"], args.temperature)
+        kl, layer = distill_loss(logits, logits_t, hidden, hidden_t, student["z_hid"], args.temperature, args.layer_norm)
         loss = args.kl_weight * kl + args.layer_weight * layer  # Eq. 7 without the L0 term
         terms = {"kl": kl.item(), "layer": layer.item()}
+    if not torch.isfinite(loss):  # the reference skips such a step: no backward, no update
+        return {**terms, "skipped": 1}
     (loss / args.grad_accum).backward()
     return terms
 
@@ -193,8 +237,15 @@ def micro_step(model, x, loss_mask, student, teacher, distill, args):
 RUN_ONLY = ("resume", "stop_after", "save_every", "eval")  # may change between a run and its resume
 
 
+def warmup_for(target):
+    """The paper ramps the target over 4 of 7 epochs at 20% sparsity and 1 of 7 at 50% (Sec. 4); between
+    them the fraction is interpolated linearly in the target, and held at 4/7 below 20%, 1/7 above 50%."""
+    return 4 / 7 - 3 / 7 * min(1.0, max(0.0, (target - 0.2) / 0.3))
+
+
 def target_at(step, args):
-    """Eq. 11's target t: it warms up linearly from 0 over the first `warmup` of the steps, then holds."""
+    """Eq. 11's target t after `step` steps: it warms up linearly from 0 over the first `warmup` of the
+    steps, then holds."""
     return args.target * min(1.0, step / max(1, round(args.warmup * args.steps)))
 
 
@@ -242,11 +293,13 @@ def init_student(args, model, gen):
 
 
 def make_optimizers(args, student, lambdas):
-    """AdamW for each group that learns; the lambdas by gradient ascent (Eq. 11 is maximized over them)."""
+    """AdamW for each group that learns; with `--controller lagrangian` the lambdas too, by gradient ascent
+    (Eq. 11 is maximized over them)."""
     opts = {}
     if student.log_alpha:
         opts["mask"] = torch.optim.AdamW(student.log_alpha.values(), lr=args.lr_mask, weight_decay=0)
-        opts["lambda"] = torch.optim.AdamW([lambdas], lr=args.lr_lambda, weight_decay=0, maximize=True)
+        if args.controller == "lagrangian":
+            opts["lambda"] = torch.optim.AdamW([lambdas], lr=args.lr_lambda, weight_decay=0, maximize=True)
     if student.lora:
         opts["lora"] = torch.optim.AdamW(student.lora.values(), lr=args.lr_lora, weight_decay=0)
     return opts
@@ -260,7 +313,7 @@ def save_atomic(obj, path):
 
 def save_checkpoint(out, step, student, lambdas, opts, queue, gen):
     save_atomic({"log_alpha": student.log_alpha, "lora": student.lora, "lambdas": lambdas, "step": step,
-                 "opts": {k: o.state_dict() for k, o in opts.items()}, "snapshots": queue.snapshots,
+                 "opts": {k: o.state_dict() for k, o in opts.items()}, "queue": queue.state(),
                  "rng": gen.get_state()}, out / "checkpoint.pt")
 
 
@@ -274,7 +327,7 @@ def restore_checkpoint(out, student, lambdas, opts, queue, gen):
         lambdas.copy_(ck["lambdas"])
     for name, opt in opts.items():
         opt.load_state_dict(ck["opts"][name])
-    queue.snapshots = ck["snapshots"]
+    queue.snapshots, queue.stage2_start = ck["queue"]["snapshots"], ck["queue"]["stage2_start"]
     gen.set_state(ck["rng"])
     rows = (out / "log.jsonl").read_text().splitlines()
     (out / "log.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= ck["step"]))
@@ -282,43 +335,46 @@ def restore_checkpoint(out, student, lambdas, opts, queue, gen):
 
 
 def train_step(step, model, batches, student, lambdas, opts, queue, gen, args):
-    """One optimizer step: sample masks, pick the teacher, forward/backward every micro-batch, add the
-    Lagrangian, step the optimizers, snapshot the student -> the step's log row."""
+    """One optimizer step: sample masks, pick the teacher, forward/backward every micro-batch, step the
+    optimizers, bring the expected sparsity to the target, snapshot the student -> the step's log row."""
     t0, config, device = time.time(), model.config, lambdas.device
-    target, learn_masks = target_at(step, args), bool(student.log_alpha)
+    target, learn_masks = target_at(step + 1, args), bool(student.log_alpha)  # the target this step ends on
     if "lora" in opts:
         opts["lora"].param_groups[0]["lr"] = lora_lr(step, args)
     adapter = student.adapter(gen)
-    s_hat = expected_sparsity(student.log_alpha, config) if learn_masks else None
     distill = "none" if args.finetune else args.distill
     key = teacher = None
     if distill == "pkd" and learn_masks:  # with fixed masks there are no snapshots: the intact model teaches
-        key = queue.teacher_key(step, s_hat.item(), round(args.warmup * args.steps), args.steps, args.target)
+        key = queue.teacher_key(step, expected_sparsity(student.log_alpha, config).item(), args.steps)
         teacher = None if key is None else {k: v.to(device) for k, v in queue.snapshots[key].items()}
-    terms = {"kl": 0.0, "layer": 0.0, "ce": 0.0}
+    terms = {"kl": 0.0, "layer": 0.0, "ce": 0.0, "skipped": 0}
     for micro in range(args.grad_accum):
         rows = data.batch_rows(step * args.grad_accum + micro, args.batch_size, len(batches[0]), args.seed)
         x, m = batches[0][rows].to(device), batches[1][rows].to(device)
         for k, v in micro_step(model, x, m, adapter, teacher, distill != "none", args).items():
-            terms[k] += v / args.grad_accum
-    lag = lagrangian(s_hat, target, lambdas) if learn_masks else torch.tensor(0.0)
-    if learn_masks:
-        lag.backward()  # Eq. 7's L0 term: descends on log_alpha, ascends on the lambdas
-    torch.nn.utils.clip_grad_norm_([*student.log_alpha.values(), *student.lora.values()], 1.0)
+            terms[k] += v if k == "skipped" else v / args.grad_accum
+    lag = torch.zeros(())
+    if "lambda" in opts:  # Eq. 7's L0 term: descends on log_alpha, ascends on the lambdas
+        lag = lagrangian(expected_sparsity(student.log_alpha, config), target, lambdas)
+        lag.backward()
+    if student.lora:
+        torch.nn.utils.clip_grad_norm_(student.lora.values(), 1.0)  # as the reference: LoRA only, not log_alpha
     for opt in opts.values():
-        opt.step()
+        if not terms["skipped"]:
+            opt.step()
         opt.zero_grad(set_to_none=True)
     with torch.no_grad():
         for v in student.log_alpha.values():
-            v.clamp_(math.log(0.01), math.log(100))
-        s_now = expected_sparsity(student.log_alpha, config).item() if learn_masks else mask_sparsity(student.fixed, config)
+            v.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+    if learn_masks and args.controller == "project":
+        project_to_target(student.log_alpha, target, config)
+    s_now = expected_sparsity(student.log_alpha, config).item() if learn_masks else mask_sparsity(student.fixed, config)
     if distill == "pkd" and learn_masks:
-        queue.maybe_snapshot(s_now, args.target, student)
-    return {"step": step + 1, **terms, "lagrangian": lag.item(), "expected_sparsity": s_now, "target": target,
-            "lambda1": lambdas[0].item(), "lambda2": lambdas[1].item(),
+        queue.maybe_snapshot(s_now, student)
+    return {"step": step + 1, **terms, "expected_sparsity": s_now, "target": target,
+            **({"lagrangian": lag.item(), "lambda1": lambdas[0].item(), "lambda2": lambdas[1].item()} if "lambda" in opts else {}),
             "teacher": None if distill == "none" else ("intact" if key is None else key * args.interval),
-            "lr_lora": lora_lr(step, args), "lr_mask": args.lr_mask,
-            "tokens_per_s": x.numel() * args.grad_accum / (time.time() - t0),
+            "lr_lora": lora_lr(step, args), "tokens_per_s": x.numel() * args.grad_accum / (time.time() - t0),
             "memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # peak RSS on the CPU
 
@@ -333,7 +389,7 @@ def train(args):
     gen = torch.Generator().manual_seed(args.seed)  # LoRA init and mask noise; saved with the checkpoint
     student = init_student(args, model, gen)
     lambdas = torch.zeros(2, device=model.tok_embeddings.weight.device, requires_grad=True)
-    opts, queue = make_optimizers(args, student, lambdas), TeacherQueue(args.interval, args.gap)
+    opts, queue = make_optimizers(args, student, lambdas), TeacherQueue(args.target, args.interval, args.gap)
     start = restore_checkpoint(out, student, lambdas, opts, queue, gen) if args.resume else 0
 
     # The loop. Every step appends a row to log.jsonl; every save_every steps an atomic checkpoint holds all
@@ -362,10 +418,6 @@ def train(args):
 # ----------------------------------------------------------------------------------------------------
 # Command line
 
-REFERENCE = {"lr_lambda": 0.1, "layer_weight": 0.9}  # the authors' values, for runs of thousands of steps
-EMBEDDED = {"lr_lambda": 10.0, "layer_weight": 0.0}  # the short embedded run's; README "Deviations" says why
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="NutePrune: structured pruning with numerous teachers")
     p.add_argument("--ckpt", help="HF folder, Meta folder or .gguf file (default: the fetched SmolLM2-135M)")
@@ -376,7 +428,11 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=400, help="optimizer steps")
-    p.add_argument("--warmup", type=float, default=4 / 7, help="fraction of steps the target ramps up over (paper: 4 of 7 epochs)")
+    p.add_argument("--warmup", type=float, help="fraction of steps the target ramps up over "
+                   "(default as the paper: 4/7 at target 0.2, 1/7 at 0.5, linear in between)")
+    p.add_argument("--controller", choices=["project", "lagrangian"], default="project",
+                   help="project: shift log_alpha onto the ramped target every step (default); "
+                   "lagrangian: the paper's Eq. 11 with learned lambdas")
     p.add_argument("--distill", choices=["pkd", "kd", "none"], default="pkd",
                    help="pkd: progressive numerous teachers; kd: the intact teacher throughout; none: next-token loss")
     p.add_argument("--masks-only", action="store_true", help="learn masks without LoRA (the paper's dagger rows)")
@@ -385,10 +441,12 @@ def get_args(argv=None):
     p.add_argument("--lora-alpha", type=float, default=8.0)
     p.add_argument("--lora-targets", default=None, help="comma list of q,k,v,o,gate,up,down (default q,v; all for --finetune)")
     p.add_argument("--lr-mask", type=float, default=0.1)
-    p.add_argument("--lr-lambda", type=float, default=None, help="reference 0.1; the embedded default run uses 10")
+    p.add_argument("--lr-lambda", type=float, default=0.1, help="--controller lagrangian: the lambdas' ascent rate")
     p.add_argument("--lr-lora", type=float, default=None, help="default 1e-3 (pruning), 1e-4 (--finetune)")
     p.add_argument("--kl-weight", type=float, default=0.1, help="Eq. 7, reference default")
-    p.add_argument("--layer-weight", type=float, default=None, help="alpha_1 of Eq. 7: reference 0.9; the embedded default run uses 0")
+    p.add_argument("--layer-weight", type=float, default=0.9, help="alpha_1 of Eq. 7, reference default")
+    p.add_argument("--layer-norm", choices=["none", "teacher"], default="none",
+                   help="teacher: each layer's MSE divided by the teacher's mean square there (not in the reference)")
     p.add_argument("--temperature", type=float, default=2 / 3)
     p.add_argument("--interval", type=float, default=0.01, help="snapshot every this much sparsity (i)")
     p.add_argument("--gap", type=float, default=0.10, help="teacher is this much less sparse in stage 1 (g)")
@@ -412,16 +470,11 @@ def get_args(argv=None):
     if bad := set(args.lora_targets.split(",")) - set(LORA_TARGETS):
         raise ValueError(f"--lora-targets: unknown {sorted(bad)}; choose from {','.join(LORA_TARGETS)}")
     args.lr_lora = args.lr_lora or (1e-4 if args.finetune else 1e-3)
+    args.warmup = warmup_for(args.target) if args.warmup is None else args.warmup
     if args.ckpt is None:
         if not data.default_model_path().exists():
             data.fetch()
         args.ckpt = str(data.default_model_path())
-        embedded = EMBEDDED
-    else:
-        embedded = {}
-    for k, v in REFERENCE.items():
-        if getattr(args, k) is None:
-            setattr(args, k, embedded.get(k, v))
     return args
 
 
@@ -436,10 +489,23 @@ def main(argv=None):
     small = slice_model(model, adapter)
     save(small, tok, out / "model")
     print((out / "structure.md").read_text())
+    print(trajectory(out / "log.jsonl"))
+    final = mask_sparsity(adapter, model.config)
+    if abs(final - args.target) > 0.005:
+        print(f"warning: the pruned model's sparsity {final:.4f} misses the target {args.target} by more than 0.005")
     print(f"exported {sum(p.numel() for p in small.parameters()):,} parameters "
           f"(intact {sum(p.numel() for p in model.parameters()):,}) to {out / 'model'}")
     if args.eval:
         report(model, small, tok, adapter, out, args.ckpt)
+
+
+def trajectory(log_path, points=6):
+    """Target against expected sparsity (Eq. 3) at a few steps of a run's log, as a markdown table."""
+    rows = [json.loads(line) for line in open(log_path)]
+    picked = [rows[round(k * (len(rows) - 1) / (points - 1))] for k in range(points)]
+    return ("| step | " + " | ".join(str(r["step"]) for r in picked) + " |\n" + "|---" * (points + 1) + "|\n"
+            + "| target | " + " | ".join(f"{r['target']:.3f}" for r in picked) + " |\n"
+            + "| expected sparsity | " + " | ".join(f"{r['expected_sparsity']:.3f}" for r in picked) + " |\n")
 
 
 def report(model, small, tok, adapter, out, ckpt):

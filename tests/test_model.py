@@ -254,8 +254,9 @@ def reference_forward(model, tokens, adapter):
             f = gate / (1 + torch.exp(-gate)) * lin(x, p + "feed_forward.w3") * z_int[l]
             h = h + lin(f, p + "feed_forward.w2") * z_hid
             hidden.append(h)
+        hidden[-1] = rms(h, W["norm.weight"])  # Hugging Face's hidden_states[1:]: the last one after the norm
         out = W["output.weight"] if "output.weight" in W else W["tok_embeddings.weight"]
-        all_logits.append(rms(h, W["norm.weight"]) @ out.T)
+        all_logits.append(hidden[-1] @ out.T)
         all_hidden.append(hidden)
     return torch.stack(all_logits), [torch.stack([hs[l] for hs in all_hidden]) for l in range(c.n_layers)]
 
@@ -394,10 +395,10 @@ def test_kv_cache_of_a_smaller_batch_and_a_reused_cache():
 
 
 def test_uneven_pruned_model_with_empty_layers_is_a_pass_through():
-    config = tiny_config(n_layers=1, kv_of_head=[[]], ffn_dims=[0])
+    config = tiny_config(n_layers=2, kv_of_head=[[], []], ffn_dims=[0, 0])
     m, tok = make_model(config), tokens_for(config)
     _, hidden = m(tok, return_hidden=True)
-    assert torch.equal(hidden[0], m.tok_embeddings(tok))
+    assert torch.equal(hidden[0], m.tok_embeddings(tok)) and torch.equal(hidden[1], m.norm(hidden[0]))
 
 
 def greedy_by_full_forward(model, prompt, n, adapter=None):
