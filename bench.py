@@ -4,6 +4,7 @@
     python bench.py train     # paper Table 9: per-step time and peak memory of no-KD, KD, PKD, PKD + layer loss
     python bench.py export    # decode speed of models pruned to 20% / 50% against the weight-bytes limit
     python bench.py eval      # zero-shot scoring: batched (shared contexts) vs one request per forward
+    python bench.py layers --run runs/x   # the layer loss (Eq. 6) per layer, plain and --layer-norm teacher
 """
 import argparse
 import json
@@ -18,6 +19,7 @@ import torch
 import data
 import evaluate
 import model
+import checkpoint
 import nute
 from checkpoint import load
 
@@ -64,11 +66,11 @@ def one_config(args):
     g = torch.Generator().manual_seed(0)
     log_alpha = {k: v.requires_grad_(True) for k, v in nute.init_log_alpha(m.config, g).items()}
     lora = {k: v.requires_grad_(True) for k, v in nute.init_lora(m, a.lora_targets.split(","), a.lora_rank, g).items()}
-    student, lambdas = nute.Student(log_alpha, lora, 1.0, {}), torch.zeros(2, requires_grad=True)
+    student = nute.Student(log_alpha, lora, 1.0, {})
     opt = torch.optim.AdamW([*log_alpha.values(), *lora.values()], lr=1e-3)
-    queue = nute.TeacherQueue()
+    queue = nute.TeacherQueue(a.target, a.interval, a.gap)
     for k in range(1, round(a.target / a.interval)):
-        queue.maybe_snapshot(k * a.interval, a.target, student)
+        queue.maybe_snapshot(k * a.interval, student)
     teacher_key = max(queue.snapshots) if a.distill == "pkd" else None
     x = torch.randint(0, m.config.vocab_size, (a.batch_size, a.seq_len), generator=g)
     mask = torch.ones(x.shape)
@@ -76,9 +78,9 @@ def one_config(args):
     def step():
         teacher = None if teacher_key is None else queue.snapshots[teacher_key]
         nute.micro_step(m, x, mask, student.adapter(g), teacher, a.distill != "none", a)
-        nute.lagrangian(nute.expected_sparsity(log_alpha, m.config), 0.1, lambdas).backward()
         opt.step()
         opt.zero_grad()
+        nute.project_to_target(log_alpha, 0.1, m.config)  # the default controller
 
     sec = timed(step, args.steps)
     print(json.dumps({"sec": sec, "queue_mb": queue.nbytes() / 2**20, "snapshots": len(queue.snapshots)}))
@@ -169,13 +171,36 @@ def bench_eval(args):
         print(f"| {str(dtype).split('.')[1]} | {batched:.2f} | {single:.2f} | {batched / single:.2f}x |")
 
 
+def bench_layers(args):
+    """What each layer adds to Eq. 6 for one batch of held-out text: the intact model teaches a run's masks
+    (or, without --run, the first heads and units of every layer at 50%)."""
+    m, tok = load(args.ckpt, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    student = checkpoint.load_adapter(args.run, m) if args.run else structured_masks(m.config, 0.5)
+    x = data.pack(data.default_texts()[1], tok, 128)[:4]  # 4 x 128 held-out Wikipedia tokens
+    with torch.no_grad():
+        (logits_s, hs), (logits_t, ht) = m(x, student, return_hidden=True), m(x, return_hidden=True)
+    kept = student["z_hid"] > 0
+    print(f"{'the intact model teaching ' + (args.run or 'structured 50% masks')}, 4 x 128 held-out tokens, {args.dtype}")
+    print("| state | teacher mean square | MSE | MSE / teacher mean square |\n|---|---|---|---|")
+    total = [0.0, 0.0]
+    for i, (a, b) in enumerate(zip(hs, ht)):
+        a, b = a.float()[..., kept], b.float()[..., kept]
+        ms, mse = b.pow(2).mean().item(), (a - b).pow(2).mean().item()
+        total = [total[0] + mse, total[1] + mse / ms]
+        name = f"layer {i}" if i < len(hs) - 1 else "final norm"
+        print(f"| {name} | {ms:.3g} | {mse:.3g} | {mse / ms:.3g} |")
+    kl = nute.distill_loss(logits_s, logits_t, [], [], student["z_hid"], 2 / 3)[0].item()
+    print(f"| sum (Eq. 6) | | {total[0]:.3g} | {total[1]:.3g} |\n\nKL (Eq. 5): {kl:.3g}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["model", "train", "export", "eval"])
+    p.add_argument("what", choices=["model", "train", "export", "eval", "layers"])
     p.add_argument("--ckpt", default=str(data.default_model_path()))
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--steps", type=int, default=5, help="train: timed steps per configuration")
     p.add_argument("--rounds", type=int, default=7, help="export: interleaved timing rounds per model")
+    p.add_argument("--run", help="layers: a nute.py run whose masks the student uses")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -187,6 +212,8 @@ def main():
         bench_train(args)
     elif args.what == "export":
         bench_export(args)
+    elif args.what == "layers":
+        bench_layers(args)
     else:
         bench_eval(args)
 
