@@ -1,5 +1,6 @@
 """Every checkpoint format, read and write: GGUF, Hugging Face safetensors (single or sharded), Meta's
-`.pth`, and a run's adapter (masks + LoRA). Our parameter names are Meta's; the others are renamed.
+`.pth`, and a nute.py run folder (settings, the training state, the adapter of masks + LoRA). Our
+parameter names are Meta's; the others are renamed.
 
     model, tok = load("SmolLM2-135M-Instruct.Q4_1.gguf")   # or an HF folder, or a Meta folder
     save(small, tok, "runs/x/model")                        # HF layout + config.json with per-layer sizes
@@ -10,6 +11,7 @@ import math
 import os
 import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -383,3 +385,37 @@ def save_adapter(adapter, run):
     """Writes a run's masks + LoRA (+ lora_scale) as run/adapter.safetensors, fp32 on the CPU."""
     tensors = {k: torch.as_tensor(v).detach().float().cpu().contiguous() for k, v in adapter.items()}
     save_file(tensors, os.path.join(run, "adapter.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# A run folder: settings.json, log.jsonl, checkpoint.pt (everything a resume needs), adapter.safetensors
+
+def open_run(out, settings, resume):
+    """Checks that the folder may be (re)used with these settings and records them -> the folder."""
+    out = Path(out)
+    if resume:
+        if not (out / "checkpoint.pt").exists():
+            raise ValueError(f"--resume: {out / 'checkpoint.pt'} does not exist")
+        saved = json.loads((out / "settings.json").read_text())
+        diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in settings.items() if saved.get(k) != v]
+        if diff:
+            raise ValueError(f"--resume: {out} was run with other settings: " + ", ".join(diff))
+    elif (out / "checkpoint.pt").exists():
+        raise ValueError(f"{out} already holds a run: add --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps(settings, indent=1))
+    return out
+
+
+def save_run_state(out, state):
+    tmp = Path(out) / "checkpoint.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, Path(out) / "checkpoint.pt")  # a kill mid-write leaves the previous checkpoint intact
+
+
+def load_run_state(out, device):
+    """-> the saved training state; log rows of steps after it are dropped, as a resume redoes them."""
+    state = torch.load(Path(out) / "checkpoint.pt", map_location=device, weights_only=False)
+    rows = (Path(out) / "log.jsonl").read_text().splitlines()
+    (Path(out) / "log.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= state["step"]))
+    return state

@@ -289,6 +289,28 @@ def structure_table(adapter, config):
     return "\n".join(lines) + "\n"
 
 
+def trajectory(log_path, points=6):
+    """Target against expected sparsity (Eq. 3) at a few steps of a run's log, as a markdown table."""
+    rows = [json.loads(line) for line in open(log_path)]
+    picked = [rows[round(k * (len(rows) - 1) / (points - 1))] for k in range(points)]
+    return ("| step | " + " | ".join(str(r["step"]) for r in picked) + " |\n" + "|---" * (points + 1) + "|\n"
+            + "| target | " + " | ".join(f"{r['target']:.3f}" for r in picked) + " |\n"
+            + "| expected sparsity | " + " | ".join(f"{r['expected_sparsity']:.3f}" for r in picked) + " |\n")
+
+
+def run_report(model, small, tok, adapter, out, ckpt):
+    """The end of a nute.py run: held-out perplexity of the intact, masked and exported models, and their
+    generation latency, printed and written to out/results.json."""
+    ids = text_ids(tok, "\n\n".join(data.default_texts()[1]))  # held-out Wikipedia, never trained on
+    results = {"ppl@128": {"intact": perplexity(model, ids, 128), "masked": perplexity(model, ids, 128, adapter),
+                           "exported": perplexity(small, ids, 128)}}
+    results["latency"] = {"intact": {**latency(model), "disk_bytes": disk_size(ckpt)},
+                          "exported": {**latency(small), "disk_bytes": disk_size(out / "model")}}
+    print("held-out perplexity (seq_len 128): " + ", ".join(f"{k} {v:.2f}" for k, v in results["ppl@128"].items()))
+    print(latency_table([{"method": k, "latency": v} for k, v in results["latency"].items()]))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
 def latency_table(results):
     rows = [("parameters (M)", "params", 1e-6), ("size on disk (MB)", "disk_bytes", 1e-6),
             ("prefill (ms)", "prefill_ms", 1), ("decode (tokens/s)", "decode_tok_s", 1),

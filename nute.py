@@ -11,7 +11,6 @@ same model with a frozen snapshot of earlier masks + LoRA (a few MB, kept on the
 import argparse
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -25,7 +24,7 @@ from tqdm import tqdm
 import baselines
 import data
 import evaluate
-from checkpoint import LoadError, load, load_adapter, save, save_adapter
+from checkpoint import LoadError, load, load_adapter, load_run_state, open_run, save, save_adapter, save_run_state
 from model import LORA_TARGETS, MASKS, expected_size, mask_shapes, mask_sparsity, prunable_size, slice_model
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,24 +252,6 @@ def lora_lr(step, args):
     return args.lr_lora * (1 - step / args.steps)  # linear decay to 0
 
 
-def open_run_folder(args):
-    """Checks that --out may be (re)used with these settings and records them -> the folder."""
-    out = Path(args.out)
-    settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
-    if args.resume:
-        if not (out / "checkpoint.pt").exists():
-            raise ValueError(f"--resume: {out / 'checkpoint.pt'} does not exist")
-        saved = json.loads((out / "settings.json").read_text())
-        diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in settings.items() if saved.get(k) != v]
-        if diff:
-            raise ValueError(f"--resume: {out} was run with other settings: " + ", ".join(diff))
-    elif (out / "checkpoint.pt").exists():
-        raise ValueError(f"{out} already holds a run: add --resume to continue it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(settings, indent=1))
-    return out
-
-
 def init_student(args, model, gen):
     """One of three mask sources: learned (NutePrune), a pruning run's masks (post fine-tuning) or
     magnitude (the MaP baseline); the last two stay fixed while LoRA trains."""
@@ -305,21 +286,15 @@ def make_optimizers(args, student, lambdas):
     return opts
 
 
-def save_atomic(obj, path):
-    tmp = str(path) + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
-
-
 def save_checkpoint(out, step, student, lambdas, opts, queue, gen):
-    save_atomic({"log_alpha": student.log_alpha, "lora": student.lora, "lambdas": lambdas, "step": step,
-                 "opts": {k: o.state_dict() for k, o in opts.items()}, "queue": queue.state(),
-                 "rng": gen.get_state()}, out / "checkpoint.pt")
+    save_run_state(out, {"log_alpha": student.log_alpha, "lora": student.lora, "lambdas": lambdas, "step": step,
+                         "opts": {k: o.state_dict() for k, o in opts.items()}, "queue": queue.state(),
+                         "rng": gen.get_state()})
 
 
 def restore_checkpoint(out, student, lambdas, opts, queue, gen):
-    """Loads out/checkpoint.pt into the live tensors and drops log rows after it -> the step to go on from."""
-    ck = torch.load(out / "checkpoint.pt", map_location=lambdas.device, weights_only=False)
+    """Puts the saved state back into the live tensors and objects -> the step to go on from."""
+    ck = load_run_state(out, lambdas.device)
     with torch.no_grad():
         for group, saved in ((student.log_alpha, ck["log_alpha"]), (student.lora, ck["lora"])):
             for k in group:
@@ -329,8 +304,6 @@ def restore_checkpoint(out, student, lambdas, opts, queue, gen):
         opt.load_state_dict(ck["opts"][name])
     queue.snapshots, queue.stage2_start = ck["queue"]["snapshots"], ck["queue"]["stage2_start"]
     gen.set_state(ck["rng"])
-    rows = (out / "log.jsonl").read_text().splitlines()
-    (out / "log.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= ck["step"]))
     return ck["step"]
 
 
@@ -381,7 +354,7 @@ def train_step(step, model, batches, student, lambdas, opts, queue, gen, args):
 
 def train(args):
     """The whole run -> (model, tokenizer, adapter), or None when --stop-after ended it early."""
-    out = open_run_folder(args)
+    out = open_run(args.out, {k: v for k, v in vars(args).items() if k not in RUN_ONLY}, args.resume)
     model, tok = load(args.ckpt, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, device=args.device)
     batches = data.training_blocks(tok, args.seq_len, args.data, args.finetune)  # (tokens, loss mask)
     if len(batches[0]) == 0:
@@ -489,35 +462,14 @@ def main(argv=None):
     small = slice_model(model, adapter)
     save(small, tok, out / "model")
     print((out / "structure.md").read_text())
-    print(trajectory(out / "log.jsonl"))
+    print(evaluate.trajectory(out / "log.jsonl"))
     final = mask_sparsity(adapter, model.config)
     if abs(final - args.target) > 0.005:
         print(f"warning: the pruned model's sparsity {final:.4f} misses the target {args.target} by more than 0.005")
     print(f"exported {sum(p.numel() for p in small.parameters()):,} parameters "
           f"(intact {sum(p.numel() for p in model.parameters()):,}) to {out / 'model'}")
     if args.eval:
-        report(model, small, tok, adapter, out, args.ckpt)
-
-
-def trajectory(log_path, points=6):
-    """Target against expected sparsity (Eq. 3) at a few steps of a run's log, as a markdown table."""
-    rows = [json.loads(line) for line in open(log_path)]
-    picked = [rows[round(k * (len(rows) - 1) / (points - 1))] for k in range(points)]
-    return ("| step | " + " | ".join(str(r["step"]) for r in picked) + " |\n" + "|---" * (points + 1) + "|\n"
-            + "| target | " + " | ".join(f"{r['target']:.3f}" for r in picked) + " |\n"
-            + "| expected sparsity | " + " | ".join(f"{r['expected_sparsity']:.3f}" for r in picked) + " |\n")
-
-
-def report(model, small, tok, adapter, out, ckpt):
-    """Held-out perplexity of the intact, masked and exported models, and their generation latency."""
-    ids = evaluate.text_ids(tok, "\n\n".join(data.default_texts()[1]))  # held-out Wikipedia, never trained on
-    results = {"ppl@128": {"intact": evaluate.perplexity(model, ids, 128), "masked": evaluate.perplexity(model, ids, 128, adapter),
-                           "exported": evaluate.perplexity(small, ids, 128)}}
-    results["latency"] = {"intact": {**evaluate.latency(model), "disk_bytes": evaluate.disk_size(ckpt)},
-                          "exported": {**evaluate.latency(small), "disk_bytes": evaluate.disk_size(out / "model")}}
-    print("held-out perplexity (seq_len 128): " + ", ".join(f"{k} {v:.2f}" for k, v in results["ppl@128"].items()))
-    print(evaluate.latency_table([{"method": k, "latency": v} for k, v in results["latency"].items()]))
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+        evaluate.run_report(model, small, tok, adapter, out, args.ckpt)
 
 
 if __name__ == "__main__":
