@@ -290,12 +290,15 @@ def structure_table(adapter, config):
 
 
 def trajectory(log_path, points=6):
-    """Target against expected sparsity (Eq. 3) at a few steps of a run's log, as a markdown table."""
+    """Target against expected sparsity (Eq. 3) at a few steps of a run's log, as a markdown table, and the
+    largest gap once the ramp has covered a quarter of the target (a quarter of the warm-up)."""
     rows = [json.loads(line) for line in open(log_path)]
     picked = [rows[round(k * (len(rows) - 1) / (points - 1))] for k in range(points)]
+    gap = max(abs(r["expected_sparsity"] - r["target"]) for r in rows if r["target"] >= rows[-1]["target"] / 4)
     return ("| step | " + " | ".join(str(r["step"]) for r in picked) + " |\n" + "|---" * (points + 1) + "|\n"
             + "| target | " + " | ".join(f"{r['target']:.3f}" for r in picked) + " |\n"
-            + "| expected sparsity | " + " | ".join(f"{r['expected_sparsity']:.3f}" for r in picked) + " |\n")
+            + "| expected sparsity | " + " | ".join(f"{r['expected_sparsity']:.3f}" for r in picked) + " |\n"
+            + f"\nlargest |expected sparsity - target| after a quarter of the warm-up: {gap:.4f}\n")
 
 
 def run_report(model, small, tok, adapter, out, ckpt):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import baselines
 import checkpoint
+import evaluate
 import model
 import nute
 from conftest import ROOT
@@ -217,6 +218,9 @@ def test_run_follows_the_ramp_and_lands_on_the_target(tiny, tmp_path):
     warmup = round(nute.warmup_for(0.3) * 60)
     assert [r["target"] for r in rows[:3]] == pytest.approx([0.3 / warmup, 0.6 / warmup, 0.9 / warmup])
     assert all(abs(r["expected_sparsity"] - r["target"]) < 1e-4 for r in rows)
+    table = evaluate.trajectory(tmp_path / "r" / "log.jsonl").splitlines()
+    assert table[0] == "| step | 1 | 13 | 25 | 36 | 48 | 60 |" and table[3].endswith("| 0.300 | 0.300 |")
+    assert table[-1] == "largest |expected sparsity - target| after a quarter of the warm-up: 0.0000"
     adapter = load_file(str(tmp_path / "r" / "adapter.safetensors"))
     # the tiny model's smallest unit (a hidden dim) is 1/48 of the prunable weights
     assert abs(model.mask_sparsity(adapter, checkpoint.load(str(tiny[0]))[0].config) - 0.3) < 1 / 48
