@@ -58,11 +58,11 @@ def at_target(run, target, config):
 def teachers(run, model, ids, every=10):
     """Markdown: held-out perplexity of the teacher snapshots a PKD run collected (every `every`-th and the
     last), with the step each was taken at: how strong the teachers of the numerous-teacher schedule were."""
-    snaps = torch.load(run / "checkpoint.pt", weights_only=False)["snapshots"]
+    snaps = torch.load(run / "checkpoint.pt", weights_only=False)["queue"]["snapshots"]
     log = [json.loads(line) for line in open(run / "log.jsonl")]
     lines = ["| snapshot at sparsity | taken at step | held-out perplexity |", "|---|---|---|"]
     for k in sorted({*sorted(snaps)[every - 1::every], *sorted(snaps)[-1:]}):
-        step = next(x["step"] for x in log if x["expected_sparsity"] >= k / 100 - 1e-6)
+        step = next(x["step"] for x in log if x.get("snapshot") == k)
         teacher = {n: v.to(model.tok_embeddings.weight.device) for n, v in snaps[k].items()}
         lines.append(f"| {k}% | {step} | {evaluate.perplexity(model, ids, 128, teacher):.2f} |")
     return "\n".join(lines) + "\n"

@@ -342,9 +342,8 @@ def train_step(step, model, batches, student, lambdas, opts, queue, gen, args):
     if learn_masks and args.controller == "project":
         project_to_target(student.log_alpha, target, config)
     s_now = expected_sparsity(student.log_alpha, config).item() if learn_masks else mask_sparsity(student.fixed, config)
-    if distill == "pkd" and learn_masks:
-        queue.maybe_snapshot(s_now, student)
-    return {"step": step + 1, **terms, "expected_sparsity": s_now, "target": target,
+    taken = queue.maybe_snapshot(s_now, student) if distill == "pkd" and learn_masks else None
+    return {"step": step + 1, **terms, "expected_sparsity": s_now, "target": target, "snapshot": taken,
             **({"lagrangian": lag.item(), "lambda1": lambdas[0].item(), "lambda2": lambdas[1].item()} if "lambda" in opts else {}),
             "teacher": None if distill == "none" else ("intact" if key is None else key * args.interval),
             "lr_lora": lora_lr(step, args), "tokens_per_s": x.numel() * args.grad_accum / (time.time() - t0),

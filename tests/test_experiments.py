@@ -70,9 +70,9 @@ def test_teachers_table(tmp_path):
     pruned = {**identity, "z_int": torch.zeros_like(identity["z_int"])}
     run = tmp_path / "run"
     run.mkdir()
-    torch.save({"snapshots": {1: identity, 2: pruned}}, run / "checkpoint.pt")
-    (run / "log.jsonl").write_text("".join(json.dumps({"step": i + 1, "expected_sparsity": s}) + "\n"
-                                           for i, s in enumerate([0.005, 0.012, 0.015, 0.021])))
+    torch.save({"queue": {"snapshots": {1: identity, 2: pruned}, "stage2_start": None}}, run / "checkpoint.pt")
+    (run / "log.jsonl").write_text("".join(json.dumps({"step": i + 1, "snapshot": k}) + "\n"
+                                           for i, k in enumerate([None, 1, None, 2])))
     rows = experiments.teachers(run, model, ids, every=1).splitlines()[2:]
     assert rows == [f"| 1% | 2 | {evaluate.perplexity(model, ids):.2f} |",  # an identity snapshot is the intact model
                     f"| 2% | 4 | {evaluate.perplexity(model, ids, adapter=pruned):.2f} |"]
