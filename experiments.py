@@ -2,14 +2,16 @@
 
     python experiments.py                       # SmolLM2-135M, 20% and 50%, budget sized for a 2-core CPU
     python experiments.py --ckpt llama-7b --steps 3000 --batch-size 8 --seq-len 512 --limit 0   # a GPU budget
+    python experiments.py --targets 0.5 --rows "NutePrune,KD (intact teacher)" --seeds 0,1,2 --out results-seeds
 
-Every row gets the same data, token budget and seed. Each finished run is kept in --out and skipped when
-the script runs again (an interrupted one resumes), and --out/table.md is rewritten after every row. The
-learned masks land near the target, not on it, so each such run is scored again with its masks moved to
-exactly the target ("at target"). --out/teachers.md: how strong the NutePrune runs' teacher snapshots were.
+Every row gets the same data, token budget and seeds. Each finished run is kept in --out and skipped when
+the script runs again (an interrupted one resumes), and --out/table.md is rewritten after every row, with
+the mean and spread over the seeds. --at-target also scores each learned-mask run with its masks moved to
+exactly the target. --out/teachers.md: how strong the NutePrune runs' teacher snapshots were.
 """
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -71,18 +73,20 @@ def teachers(run, model, ids, every=10):
 def report(rows, args, heldout):
     """The results table in the paper's layout, the settings, and per row: wall time and expected sparsity."""
     note = (f"Ratio: target (sparsity of the exported model's projections). {args.steps} steps x {args.batch_size} x "
-            f"{args.seq_len} tokens, {args.dtype}, seed 0; perplexity at seq_len 128 on {heldout}"
+            f"{args.seq_len} tokens, {args.dtype}, seed {args.seeds}; perplexity at seq_len 128 on {heldout}"
             + ("" if args.tasks == "none" else f"; tasks: first {args.limit} examples of each" if args.limit else "; tasks: full splits"))
     steps = [k * args.steps // 6 for k in range(1, 7)]
     lines = ["| row | training (min) | scoring (min) | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (3 + len(steps)) + "|"]
     for x in rows:
         sparsity = [f"{x['log'][s]['expected_sparsity']:.3f}" if s in x["log"] else "-" for s in steps]
         lines.append(f"| {x['ratio']} {x['method']} | {x['train_min']:.1f} | {x['score_min']:.1f} | " + " | ".join(sparsity) + " |")
+    spread = seed_spread(rows)
     return (evaluate.table(rows, Path(heldout).name) + "\n\n" + note
+            + ("\n\nOver the seeds (mean +- standard deviation):\n\n" + spread if spread else "")
             + "\n\nWall time and expected sparsity (Eq. 3) during training:\n\n" + "\n".join(lines) + "\n")
 
 
-def get_args():
+def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="default: the fetched SmolLM2-135M")
     p.add_argument("--targets", default="0.2,0.5")
@@ -94,20 +98,50 @@ def get_args():
     p.add_argument("--tasks", default="all")
     p.add_argument("--limit", type=int, default=200, help="first N examples of each task; 0 = full splits")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--rows", help="comma list of rows to train (names as in ROWS, e.g. 'NutePrune,KD (intact "
+                   "teacher)'); default: all")
+    p.add_argument("--seeds", default="0", help="comma list: every row once per seed, with mean and spread")
+    p.add_argument("--at-target", action="store_true", help="also score each learned-mask run with its masks "
+                   "moved to exactly the target (for runs that did not land on it)")
     p.add_argument("--out", default="results")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def make_jobs(args):
-    """-> [(name, folder, ratio, target, nute.py flags)]: dense, every row at every target, then the
-    learned-mask runs again moved to exactly the target (flags None: they reuse the trained run)."""
-    folder_of = lambda name, ratio: name.split(" (")[0].replace(" ", "-").replace(",", "") + f"-{ratio[:-1]}"
+    """-> [(name, folder, ratio, target, nute.py flags)]: dense, then every row at every target and seed;
+    with --at-target the learned-mask runs again moved to exactly the target (flags None: they reuse the
+    trained run)."""
+    rows = args.rows.split(",") if args.rows else list(ROWS)
+    if bad := [r for r in rows if r not in ROWS]:
+        sys.exit(f"error: --rows: unknown {bad}; choose from {list(ROWS)}")
+    seeds = [int(x) for x in args.seeds.split(",")]
+    folder_of = lambda name, ratio, seed: (name.split(" (")[0].replace(" ", "-").replace(",", "") + f"-{ratio[:-1]}"
+                                           + (f"-seed{seed}" if seed else ""))
     jobs = [("dense", "dense", "0%", None, None)]
-    jobs += [(name, folder_of(name, f"{float(t):.0%}"), f"{float(t):.0%}", float(t), flags)
-             for t in args.targets.split(",") for name, flags in ROWS.items()]
-    jobs += [(name + ", at target", folder + "-at-target", ratio, target, None) for name, folder, ratio, target, flags in jobs
-             if target is not None and "--magnitude" not in flags]
+    jobs += [(name + (f", seed {seed}" if len(seeds) > 1 else ""), folder_of(name, f"{float(t):.0%}", seed),
+              f"{float(t):.0%}", float(t), ROWS[name] + ["--seed", seed])
+             for t in args.targets.split(",") for name in rows for seed in seeds]
+    if args.at_target:
+        jobs += [(name + ", at target", folder + "-at-target", ratio, target, None)
+                 for name, folder, ratio, target, flags in jobs if target is not None and "--magnitude" not in flags]
     return jobs
+
+
+def seed_spread(rows):
+    """Markdown: mean and standard deviation over the seeds of every row that ran with more than one."""
+    groups = {}
+    for r in rows:
+        if ", seed " in r["method"]:
+            groups.setdefault((r["ratio"].split(" ")[0], r["method"].split(", seed ")[0]), []).append(r)
+    lines = ["| ratio | row | seeds | perplexity | average accuracy |", "|---|---|---|---|---|"]
+    for (ratio, name), rs in groups.items():
+        ppl = [r["ppl"] for r in rs]
+        avg = [statistics.mean(t[m] * 100 for t_name, t in r["tasks"].items() for c, m in [evaluate.COLUMNS[t_name]])
+               for r in rs if len(r["tasks"]) == len(evaluate.COLUMNS)]
+        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
+        cell = lambda v: f"{statistics.mean(v):.2f} +- {sd(v):.2f}" if v else "-"
+        lines.append(f"| {ratio} | {name} | {len(rs)} | {cell(ppl)} | {cell(avg)} |")
+    return "\n".join(lines) + "\n" if groups else ""
 
 
 def run_job(job, args, common, scoring, base):
@@ -151,7 +185,7 @@ def main():
         heldout = out / "heldout-wiki.txt"
         heldout.write_text("\n\n".join(data.default_texts()[1]))
     common = ["--ckpt", args.ckpt, "--steps", args.steps, "--batch-size", args.batch_size,
-              "--seq-len", args.seq_len, "--dtype", args.dtype, "--seed", 0, "--no-eval"]
+              "--seq-len", args.seq_len, "--dtype", args.dtype, "--no-eval"]
     common += ["--data", args.data] if args.data else []
     scoring = ["--ppl", heldout, "--dtype", args.dtype]
     scoring += ["--tasks", args.tasks] if args.tasks != "none" else []
@@ -167,8 +201,9 @@ def main():
         model, tok = load(args.ckpt, torch.bfloat16 if args.dtype == "bf16" else torch.float32,
                           "cuda" if torch.cuda.is_available() else "cpu")
         ids = evaluate.text_ids(tok, "\n\n".join(data.read_texts(heldout)))
-        teachers_md.write_text("".join(f"\nNutePrune {ratio}: {out / folder}\n\n" + teachers(out / folder, model, ids)
-                                       for name, folder, ratio, target, flags in jobs if name == "NutePrune"))
+        pkd = [(name, folder, ratio) for name, folder, ratio, _, _ in jobs if name.split(", seed")[0] == "NutePrune"]
+        teachers_md.write_text("".join(f"\n{name} {ratio}: {out / folder}\n\n" + teachers(out / folder, model, ids)
+                                       for name, folder, ratio in pkd))
     print((out / "table.md").read_text() + "\nTeachers of the NutePrune runs:\n" + teachers_md.read_text())
 
 

@@ -21,7 +21,8 @@ def test_experiments_smoke(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(f"document {i}: the cat sat on the mat and looked at bird number {i}." for i in range(200)))
     cmd = [sys.executable, "experiments.py", "--ckpt", ckpt, "--data", text, "--heldout", text, "--tasks", "none",
-           "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--dtype", "fp32", "--targets", "0.3", "--out", tmp_path / "res"]
+           "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--dtype", "fp32", "--targets", "0.3", "--at-target",
+           "--out", tmp_path / "res"]
     r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     table = (tmp_path / "res" / "table.md").read_text()
@@ -38,6 +39,24 @@ def test_experiments_smoke(tmp_path):
     # a second call finds every row done and trains nothing
     r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "prune" not in r.stderr
+
+
+def test_experiments_seeds_give_mean_and_spread(tmp_path):
+    ckpt = make_tiny(tmp_path / "ckpt")
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"document {i}: the cat sat on the mat and looked at bird number {i}." for i in range(200)))
+    cmd = [sys.executable, "experiments.py", "--ckpt", ckpt, "--data", text, "--heldout", text, "--tasks", "none",
+           "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--dtype", "fp32", "--targets", "0.3",
+           "--rows", "no KD (next-token loss)", "--seeds", "0,1", "--out", tmp_path / "res"]
+    r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ppl = [json.loads((tmp_path / "res" / f"{f}.json").read_text())["results"][0]["ppl"]
+           for f in ("no-KD-30", "no-KD-30-seed1")]
+    assert ppl[0] != ppl[1]  # the seeds really differ
+    settings = json.loads((tmp_path / "res" / "no-KD-30-seed1" / "settings.json").read_text())
+    assert settings["seed"] == 1
+    mean, sd = sum(ppl) / 2, abs(ppl[0] - ppl[1]) / 2 ** 0.5
+    assert f"| 30% | no KD (next-token loss) | 2 | {mean:.2f} +- {sd:.2f} | - |" in (tmp_path / "res" / "table.md").read_text()
 
 
 def test_at_target_keeps_the_ranking_and_hits_the_target(tmp_path):
