@@ -197,7 +197,7 @@ def distill_loss(logits_s, logits_t, hidden_s, hidden_t, z_hid, temperature, lay
         if layer_norm == "teacher":
             mse = mse / ht.pow(2).mean().clamp(min=1e-12)
         layer = layer + mse.half()
-    return kl, layer.float()
+    return kl, layer
 
 
 # ----------------------------------------------------------------------------------------------------
