@@ -417,8 +417,9 @@ def get_args(argv=None):
     p.add_argument("--lr-lora", type=float, default=None, help="default 1e-3 (pruning), 1e-4 (--finetune)")
     p.add_argument("--kl-weight", type=float, default=0.1, help="Eq. 7, reference default")
     p.add_argument("--layer-weight", type=float, default=0.9, help="alpha_1 of Eq. 7, reference default")
-    p.add_argument("--layer-norm", choices=["none", "teacher"], default="none",
-                   help="teacher: each layer's MSE divided by the teacher's mean square there (not in the reference)")
+    p.add_argument("--layer-norm", choices=["none", "teacher"], default="teacher",
+                   help="teacher (default, not in the reference): each layer's MSE divided by the teacher's mean "
+                   "square there; none: the reference's raw MSE")
     p.add_argument("--temperature", type=float, default=2 / 3)
     p.add_argument("--interval", type=float, default=0.01, help="snapshot every this much sparsity (i)")
     p.add_argument("--gap", type=float, default=0.10, help="teacher is this much less sparse in stage 1 (g)")
