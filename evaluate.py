@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from checkpoint import LoadError, load, load_adapter
+from checkpoint import LoadError, check_device, load, load_adapter
 from model import decode_one_token, generate, mask_sparsity, prefill
 
 TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
@@ -189,8 +189,8 @@ def parse_tasks(spec):
 def read_task(name, limit=None):
     """A task's documents; with limit, the first `limit` of them (the same subset on every run)."""
     path = data.task_path(name)
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: task file missing; run `python data.py fetch --tasks`")
+    if not data.verified(path):
+        raise ValueError(f"{path}: task file missing or damaged; run `python data.py fetch --tasks`")
     return data.read_jsonl(path)[:limit]
 
 
@@ -312,6 +312,8 @@ def run_report(model, small, tok, adapter, out, ckpt):
     print("held-out perplexity (seq_len 128): " + ", ".join(f"{k} {v:.2f}" for k, v in results["ppl@128"].items()))
     print(latency_table([{"method": k, "latency": v} for k, v in results["latency"].items()]))
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    if not all(math.isfinite(v) for v in results["ppl@128"].values()):
+        raise ValueError(f"{out / 'results.json'}: a perplexity is not finite")
 
 
 def latency_table(results):
@@ -356,13 +358,21 @@ def get_args(argv=None):
         raise ValueError(f"{args.ppl}: file not found")
     if args.limit is not None and args.limit < 1 or args.batch_size < 1 or args.seq_len < 2:
         raise ValueError("--limit and --batch-size must be >= 1, --seq-len >= 2")
-    if args.ckpt is None and args.run and os.path.exists(os.path.join(args.run, "settings.json")):
-        with open(os.path.join(args.run, "settings.json")) as f:
-            args.ckpt = json.load(f).get("ckpt")  # the base checkpoint nute.py pruned
+    if args.runs < 1 or args.prompt_len < 1 or args.gen_len <= args.prompt_len:
+        raise ValueError("--runs and --prompt-len must be >= 1, --gen-len more than --prompt-len")
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise ValueError(f"--out {args.out}: its folder does not exist")
+    check_device(args.device)
+    settings = os.path.join(args.run or "", "settings.json")
+    if args.ckpt is None and args.run and os.path.exists(settings):
+        try:
+            with open(settings) as f:
+                args.ckpt = json.load(f).get("ckpt")  # the base checkpoint nute.py pruned
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise ValueError(f"{settings}: corrupt (pass the base checkpoint with --ckpt)") from None
     if args.ckpt is None:
         args.ckpt = str(data.default_model_path())
-        demo = not (args.ppl or args.tasks or args.latency)
-        if not os.path.exists(args.ckpt) or demo and not data.text_path("wiki").exists():
+        if not data.ready():
             data.fetch()
     return args
 
@@ -397,8 +407,6 @@ def evaluate_model(model, tok, adapter, docs, path, args):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise ValueError(f"--out {args.out}: its folder does not exist")
     docs = {t: read_task(t, args.limit) for t in args.tasks}
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     results = []
@@ -438,11 +446,15 @@ def report(results, args):
     with open(out, "w") as f:
         json.dump({"settings": settings, "results": results, "torch": torch.__version__}, f, indent=1)
     print(f"wrote {out}", file=sys.stderr)
+    bad = [f"{r['method']} {name}" for r in results for name, v in [("perplexity", r.get("ppl", 0))]
+           + [(f"{t} {m}", x[m]) for t, x in r["tasks"].items() for m in ("acc", "acc_norm")] if not math.isfinite(v)]
+    if bad:  # written above all the same, but a NaN is no result: the exit status says so
+        raise ValueError(f"not finite: {', '.join(bad)} (a diverged adapter?)")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (LoadError, ValueError) as e:
+    except (LoadError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -153,7 +153,7 @@ def run_job(job, args, common, scoring, base):
     if not result.exists():
         t0 = time.time()
         if flags is not None and not (run / "adapter.safetensors").exists():
-            resume = ["--resume"] if (run / "checkpoint.pt").exists() else []
+            resume = ["--resume"] if (run / "settings.json").exists() else []  # it started: continue it
             sh(["nute.py", *common, "--target", target, "--out", run, *flags, *resume], log)
         if target is not None and flags is None:  # an ", at target" row: new masks for the trained run
             run.mkdir(exist_ok=True)

@@ -24,7 +24,8 @@ from tqdm import tqdm
 import baselines
 import data
 import evaluate
-from checkpoint import LoadError, load, load_adapter, load_run_state, open_run, save, save_adapter, save_run_state
+from checkpoint import (LoadError, check_device, check_finite, check_run_folder, load, load_adapter, load_run_state,
+                        open_run, save, save_adapter, save_run_state)
 from model import LORA_TARGETS, MASKS, expected_size, mask_shapes, mask_sparsity, prunable_size, slice_model
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,7 +234,12 @@ def micro_step(model, x, loss_mask, student, teacher, distill, args):
 # ----------------------------------------------------------------------------------------------------
 # The training loop: pruning (masks + LoRA, Lagrangian, teachers) and post fine-tuning (masks frozen)
 
-RUN_ONLY = ("resume", "stop_after", "save_every", "eval")  # may change between a run and its resume
+RUN_ONLY = ("resume", "stop_after", "save_every", "eval", "out")  # may change between a run and its resume
+MAX_SKIPPED = 5  # this many non-finite steps in a row stop the run: it has diverged
+
+
+class Diverged(Exception):
+    """The loss or the gradients stayed NaN / inf; the command line prints it as one line."""
 
 
 def warmup_for(target):
@@ -286,15 +292,20 @@ def make_optimizers(args, student, lambdas):
     return opts
 
 
-def save_checkpoint(out, step, student, lambdas, opts, queue, gen):
+def save_checkpoint(out, run_id, step, student, lambdas, opts, queue, gen):
+    for group in (student.log_alpha, student.lora, {"lambdas": lambdas}):
+        check_finite(group, Path(out) / "checkpoint.pt")
     save_run_state(out, {"log_alpha": student.log_alpha, "lora": student.lora, "lambdas": lambdas, "step": step,
                          "opts": {k: o.state_dict() for k, o in opts.items()}, "queue": queue.state(),
-                         "rng": gen.get_state()})
+                         "rng": gen.get_state(), "run_id": run_id})
 
 
-def restore_checkpoint(out, student, lambdas, opts, queue, gen):
-    """Puts the saved state back into the live tensors and objects -> the step to go on from."""
-    ck = load_run_state(out, lambdas.device)
+def restore_checkpoint(out, run_id, student, lambdas, opts, queue, gen):
+    """Puts the saved state back into the live tensors and objects -> the step to go on from (0 when the
+    run died before its first checkpoint)."""
+    ck = load_run_state(out, run_id, lambdas.device)
+    if ck is None:
+        return 0
     with torch.no_grad():
         for group, saved in ((student.log_alpha, ck["log_alpha"]), (student.lora, ck["lora"])):
             for k in group:
@@ -330,6 +341,8 @@ def train_step(step, model, batches, student, lambdas, opts, queue, gen, args):
     if "lambda" in opts:  # Eq. 7's L0 term: descends on log_alpha, ascends on the lambdas
         lag = lagrangian(expected_sparsity(student.log_alpha, config), target, lambdas)
         lag.backward()
+    grads = [p.grad for p in (*student.log_alpha.values(), *student.lora.values(), lambdas) if p.grad is not None]
+    terms["skipped"] = int(terms["skipped"] > 0 or not all(torch.isfinite(g).all() for g in grads))
     if student.lora:
         torch.nn.utils.clip_grad_norm_(student.lora.values(), 1.0)  # as the reference: LoRA only, not log_alpha
     for opt in opts.values():
@@ -353,29 +366,40 @@ def train_step(step, model, batches, student, lambdas, opts, queue, gen, args):
 
 def train(args):
     """The whole run -> (model, tokenizer, adapter), or None when --stop-after ended it early."""
-    out = open_run(args.out, {k: v for k, v in vars(args).items() if k not in RUN_ONLY}, args.resume)
+    check_run_folder(args.out, args.resume)  # before the long load; the folder is written only after it
     model, tok = load(args.ckpt, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, device=args.device)
+    if args.seq_len > model.config.max_seq_len:
+        raise ValueError(f"--seq-len {args.seq_len}: {args.ckpt} takes at most {model.config.max_seq_len} tokens")
     batches = data.training_blocks(tok, args.seq_len, args.data, args.finetune)  # (tokens, loss mask)
     if len(batches[0]) == 0:
         raise ValueError("the training data is empty")
+    out, run_id = open_run(args.out, {k: v for k, v in vars(args).items() if k not in RUN_ONLY}, args.resume)
     gen = torch.Generator().manual_seed(args.seed)  # LoRA init and mask noise; saved with the checkpoint
     student = init_student(args, model, gen)
     lambdas = torch.zeros(2, device=model.tok_embeddings.weight.device, requires_grad=True)
     opts, queue = make_optimizers(args, student, lambdas), TeacherQueue(args.target, args.interval, args.gap)
-    start = restore_checkpoint(out, student, lambdas, opts, queue, gen) if args.resume else 0
+    start = restore_checkpoint(out, run_id, student, lambdas, opts, queue, gen) if args.resume else 0
 
-    # The loop. Every step appends a row to log.jsonl; every save_every steps an atomic checkpoint holds all
-    # the state a resume needs (masks, LoRA, lambdas, optimizers, teacher snapshots, the RNG).
+    # The loop. Every step appends a row to log.jsonl (one write: a crash tears at most the last line);
+    # every save_every steps an atomic checkpoint holds all the state a resume needs (masks, LoRA, lambdas,
+    # optimizers, teacher snapshots, the RNG). A step with a non-finite loss or gradient changes nothing.
+    skipped = in_a_row = 0
     with open(out / "log.jsonl", "a") as log:
         bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="prune" if student.log_alpha else "tune")
         for step in bar:
             row = train_step(step, model, batches, student, lambdas, opts, queue, gen, args)
             log.write(json.dumps(row) + "\n")
+            skipped, in_a_row = skipped + row["skipped"], (in_a_row + 1) * row["skipped"]
+            if in_a_row == MAX_SKIPPED:
+                raise Diverged(f"steps {step + 2 - in_a_row}-{step + 1}: the loss or its gradients were NaN or inf "
+                               f"{in_a_row} times in a row (learning rate too high? fp16 overflow?); the last "
+                               f"checkpoint ({out / 'checkpoint.pt'}) is kept as it was")
             bar.set_postfix(sparsity=f"{row['expected_sparsity']:.3f}", target=f"{row['target']:.3f}",
-                            **{k: f"{row[k]:.3g}" for k in ("kl", "layer", "ce") if row[k]})
+                            **{k: f"{row[k]:.3g}" for k in ("kl", "layer", "ce") if row[k]},
+                            **({"skipped": skipped} if skipped else {}))
             if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
                 log.flush()
-                save_checkpoint(out, step + 1, student, lambdas, opts, queue, gen)
+                save_checkpoint(out, run_id, step + 1, student, lambdas, opts, queue, gen)
             if args.stop_after and step + 1 - start >= args.stop_after:
                 return None  # a deliberate stop, like a kill: what was not checkpointed is lost
 
@@ -433,8 +457,24 @@ def get_args(argv=None):
     p.add_argument("--finetune", help="post fine-tuning on an Alpaca JSON file, masks frozen (Sec. 3.3)")
     p.add_argument("--no-eval", dest="eval", action="store_false", help="skip perplexity and latency at the end")
     args = p.parse_args(argv)
+    # everything is checked here, before anything is loaded or written
     if not 0 < args.target < 1:
         raise ValueError(f"--target must be in (0, 1), got {args.target}")
+    flag = lambda name: "--" + name.replace("_", "-")
+    for name in ("steps", "batch_size", "grad_accum", "save_every", "lora_rank", "stop_after"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2 (a next-token pair), got {args.seq_len}")
+    for name in ("lr_mask", "lr_lambda", "lr_lora", "lora_alpha", "temperature", "interval"):
+        if getattr(args, name) is not None and not 0 < getattr(args, name) < math.inf:
+            raise ValueError(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
+    for name in ("kl_weight", "layer_weight", "gap"):
+        if not 0 <= getattr(args, name) < math.inf:
+            raise ValueError(f"{flag(name)} must be a number >= 0, got {getattr(args, name)}")
+    if args.warmup is not None and not 0 <= args.warmup <= 1:
+        raise ValueError(f"--warmup is a fraction of the steps in [0, 1], got {args.warmup}")
+    check_device(args.device)
     if args.run and args.magnitude:
         raise ValueError("--run and --magnitude both fix the masks: choose one")
     if args.finetune and not args.run:
@@ -444,10 +484,9 @@ def get_args(argv=None):
         raise ValueError(f"--lora-targets: unknown {sorted(bad)}; choose from {','.join(LORA_TARGETS)}")
     args.lr_lora = args.lr_lora or (1e-4 if args.finetune else 1e-3)
     args.warmup = warmup_for(args.target) if args.warmup is None else args.warmup
-    if args.ckpt is None:
-        if not data.default_model_path().exists():
-            data.fetch()
-        args.ckpt = str(data.default_model_path())
+    if (args.ckpt is None or args.data is None) and not data.ready():  # missing, or damaged since
+        data.fetch()
+    args.ckpt = args.ckpt or str(data.default_model_path())
     return args
 
 
@@ -475,6 +514,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (LoadError, ValueError, FileNotFoundError) as e:
+    except (LoadError, ValueError, OSError, Diverged) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -259,6 +259,15 @@ def test_load_error_unsupported_gguf(tmp_path, fake_tokenizer):
         C.load(str(v1))
 
 
+def test_load_error_gguf_counts_past_2_63(tmp_path):
+    """A corrupt count in the header (an array of 2^63 + 1 floats) is a LoadError, not an OverflowError."""
+    path = tmp_path / "o.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 3) + b"key"
+                     + struct.pack("<IIQ", 9, 6, 2**63 + 1))
+    with pytest.raises(LoadError, match="truncated or corrupt"):
+        C.load(str(path))
+
+
 def test_load_error_tokenizer_larger_than_embedding(tmp_path, fake_tokenizer):
     m = make_model(tiny_config(), dtype=torch.float32)
     write_hf(tmp_path, m)
@@ -289,6 +298,13 @@ def test_load_adapter(tmp_path):
         C.load_adapter(tmp_path, tiny)
     with pytest.raises(LoadError, match="not found"):
         C.load_adapter(tmp_path / "nope", tiny)
+    save_file({**good, "z_hid": torch.full((64,), float("nan"))}, tmp_path / "adapter.safetensors")
+    with pytest.raises(LoadError, match="z_hid holds NaN"):
+        C.load_adapter(tmp_path, tiny)
+    save_file(good, tmp_path / "adapter.safetensors")
+    (tmp_path / "adapter.safetensors").write_bytes((tmp_path / "adapter.safetensors").read_bytes()[:300])
+    with pytest.raises(LoadError, match="not a readable safetensors file"):
+        C.load_adapter(tmp_path, tiny)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Tests for data.py: text readers, the held-out split, packing, training blocks, fetch helpers."""
 import gzip
+import hashlib
 import io
 import json
 import zipfile
@@ -89,9 +90,43 @@ def test_cache_paths(monkeypatch, tmp_path):
     (tmp_path / "texts" / "c4.utf8").write_text("web page one\nweb page two\n")
     (tmp_path / "texts" / "wiki.utf8").write_text("".join(
         f'<doc id="{i}" title="T{i}">\nT{i}\n\nBody {i}.\n</doc>\n' for i in range(100)))
+    with pytest.raises(ValueError, match="damaged"):  # not the fetched bytes: refused
+        data.default_texts()
+    shas = {n: data.sha256(tmp_path / "texts" / f"{n}.utf8") for n in ("c4", "wiki")}
+    monkeypatch.setattr(data, "TEXTS", data.TEXTS[:3] + (shas,))
     train, held = data.default_texts()
     assert train[:2] == ["web page one", "web page two"] and len(train) + len(held) == 102
     assert held and not set(held) & set(train)
+
+
+def test_cached_files_verified_by_sha256(monkeypatch, tmp_path):
+    """A file fetch wrote is trusted while its size and mtime are unchanged; any other change is hashed
+    again, and a copy that differs (same size too) is refused, so ready() asks for a new fetch."""
+    f = tmp_path / "model.gguf"
+    data.write_atomic(f, b"GGUF real weights")
+    assert data.verified(f) and data.verified(f, data.sha256(f))
+    assert not data.verified(f, "0" * 64)  # not the expected file
+    calls = []
+    monkeypatch.setattr(data, "sha256", lambda p: calls.append(p) or hashlib.sha256(Path(p).read_bytes()).hexdigest())
+    assert data.verified(f) and calls == []  # unchanged since it checked out: no hashing
+    f.write_bytes(b"GGUF fake weights")  # corrupted, same size
+    assert not data.verified(f) and calls == [f]
+    assert not data.verified(tmp_path / "missing") and not data.verified(tmp_path)
+    (tmp_path / "x").write_bytes(b"no stamp")  # a file fetch did not write, no expected hash: not trusted
+    assert not data.verified(tmp_path / "x")
+    monkeypatch.setenv("NUTE_CACHE", str(tmp_path))
+    assert not data.ready()
+
+
+def test_text_readers_name_the_file(tmp_path):
+    (tmp_path / "bad.gz").write_bytes(b"not gzip")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    for path, message in ((tmp_path, "a folder"), (tmp_path / "bad.gz", "cannot be read"),
+                          (tmp_path / "bad.jsonl", "line 2 is not JSON"), (tmp_path / "latin1.txt", "not UTF-8")):
+        with pytest.raises(ValueError, match=message) as e:
+            data.read_texts(path)
+        assert str(path) in str(e.value)
 
 
 def test_arc_rebuilt_from_requests(tmp_path):

@@ -15,6 +15,7 @@ import data
 import evaluate as E
 import nute
 from checkpoint import LoadError
+from helpers import make_tiny
 from model import ModelConfig, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,6 +225,16 @@ def test_cli_errors(tmp_path):
     assert r.stderr.startswith("error: unknown task nope") and "hellaswag" in r.stderr
     r = run_cli("--tasks", "piqa", env={"NUTE_CACHE": str(tmp_path)})
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "python data.py fetch --tasks" in r.stderr
+
+
+def test_a_non_finite_result_is_written_and_exits_non_zero(tmp_path, monkeypatch):
+    ckpt, text = tmp_path / "ckpt", tmp_path / "t.txt"
+    make_tiny(ckpt)
+    text.write_text("the cat sat on the mat " * 200)
+    monkeypatch.setattr(E, "perplexity", lambda *a, **k: float("nan"))
+    with pytest.raises(ValueError, match="not finite: ckpt perplexity"):
+        E.main(["--ckpt", str(ckpt), "--ppl", str(text), "--out", str(tmp_path / "e.json")])
+    assert math.isnan(json.loads((tmp_path / "e.json").read_text())["results"][0]["ppl"])  # the run is not lost
 
 
 # ----------------------------------------------------------------------------------------------------

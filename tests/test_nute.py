@@ -345,19 +345,99 @@ def test_export_equals_masked_model_and_formula(tiny):
 # ----------------------------------------------------------------------------------------------------
 # Bad input: one line, exit code 2
 
+def nute_cli(*argv):
+    return subprocess.run([sys.executable, "nute.py", *map(str, argv)], cwd=ROOT, capture_output=True, text=True)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--target", "1.5"], "--target must be in (0, 1)"),
     (["--data", "EMPTY"], "no text"),
+    (["--data", "DIR"], "a folder, not a text file"),
+    (["--data", "BAD.gz"], "cannot be read"),
     (["--ckpt", "/nonexistent/ckpt"], "no such file"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--seq-len", "0"], "--seq-len must be at least 2"),
+    (["--seq-len", "100000"], "takes at most"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+    (["--save-every", "0"], "--save-every must be at least 1"),
+    (["--lora-rank", "0"], "--lora-rank must be at least 1"),
+    (["--interval", "0"], "--interval must be a positive number"),
+    (["--lr-mask", "nan"], "--lr-mask must be a positive number"),
+    (["--device", "bogus"], "not a device name"),
+    (["--device", "cuda:99"], "cuda devices"),
+    (["--out", "FILE"], "a file, not a folder"),
+    (["--out", "FILE/o"], "cannot create it in"),
+    (["--resume"], "holds no run"),
 ])
 def test_bad_input_exit_2(tiny, tmp_path, extra, message):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
+    """One line, exit 2, and nothing written: every setting is checked before the run folder is made."""
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "DIR").mkdir()
+    (tmp_path / "BAD.gz").write_text("not gzip")
+    (tmp_path / "FILE").write_text("a file")
     argv = ["--ckpt", str(tiny[0]), "--data", str(tiny[1]), "--out", str(tmp_path / "o"), "--steps", "2", "--no-eval"]
-    argv += [str(empty) if a == "EMPTY" else a for a in extra]
-    r = subprocess.run([sys.executable, "nute.py", *argv], cwd=ROOT, capture_output=True, text=True)
+    argv += [str(tmp_path / "empty.txt") if a == "EMPTY" else str(tmp_path / a) if a.startswith(("DIR", "BAD", "FILE"))
+             else a for a in extra]
+    r = nute_cli(*argv)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_folder_belongs_to_its_run(tiny, tmp_path):
+    """A finished run is never overwritten; a run that died before its first checkpoint starts over with
+    --resume (no duplicate log rows); a checkpoint from another run, or a torn one, is refused."""
+    common = ["--target", "0.3", "--steps", "6", "--save-every", "3"]
+    run(tiny, tmp_path / "a", *common)
+    before = (tmp_path / "a" / "adapter.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="not empty: add --resume"):
+        run(tiny, tmp_path / "a", *common)
+    with pytest.raises(ValueError, match="not empty"):
+        run(tiny, tmp_path / "a", "--target", "0.5", "--steps", "6")  # other settings, same folder
+    assert (tmp_path / "a" / "adapter.safetensors").read_bytes() == before
+    assert run(tiny, tmp_path / "b", *common, "--stop-after", "2") is None  # died before its first checkpoint
+    run(tiny, tmp_path / "b", *common, "--resume")
+    assert [json.loads(r)["step"] for r in open(tmp_path / "b" / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "b" / "adapter.safetensors").read_bytes() == before  # the same run as a
+    (tmp_path / "b" / "checkpoint.pt").write_bytes((tmp_path / "a" / "checkpoint.pt").read_bytes())
+    with pytest.raises(checkpoint.LoadError, match="belongs to another run"):
+        run(tiny, tmp_path / "b", *common, "--resume")
+    (tmp_path / "b" / "checkpoint.pt").write_bytes((tmp_path / "a" / "checkpoint.pt").read_bytes()[:5000])
+    r = nute_cli("--ckpt", tiny[0], "--data", tiny[1], "--out", tmp_path / "b", "--seq-len", 32, "--batch-size", 2,
+                 "--dtype", "fp32", "--no-eval", "--lr-lora", "1e-2", *common, "--resume")
+    assert r.returncode == 2 and "checkpoint.pt: cannot be read" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_non_finite_gradients_skip_the_step(tiny, tmp_path, monkeypatch):
+    real = nute.micro_step
+
+    def nan_grad(model_, x, m, adapter, *rest):
+        terms = real(model_, x, m, adapter, *rest)
+        adapter["layers.0.attention.wq.lora_A"].grad[0, 0] = float("nan")
+        return terms
+    monkeypatch.setattr(nute, "micro_step", nan_grad)
+    run(tiny, tmp_path / "r", "--target", "0.3", "--steps", "3")
+    assert [json.loads(r)["skipped"] for r in open(tmp_path / "r" / "log.jsonl")] == [1, 1, 1]
+    adapter = load_file(str(tmp_path / "r" / "adapter.safetensors"))
+    assert all(adapter[k].abs().sum() == 0 for k in adapter if k.endswith(".lora_B"))  # never stepped
+
+
+def test_a_diverged_run_stops_and_writes_nothing_non_finite(tiny, tmp_path):
+    """The issue's case: a learning rate of 1e6 blows LoRA up within two steps. The run must stop after
+    MAX_SKIPPED non-finite steps in a row with one line, write no adapter or export, keep its last
+    checkpoint finite, and leave nothing for evaluate.py to score."""
+    r = nute_cli("--ckpt", tiny[0], "--data", tiny[1], "--out", tmp_path / "r", "--seq-len", 32, "--batch-size", 2,
+                 "--dtype", "fp32", "--magnitude", "--distill", "none", "--lr-lora", "1e6", "--steps", 30,
+                 "--save-every", 2, "--target", 0.2)
+    assert r.returncode == 2 and f"{nute.MAX_SKIPPED} times in a row" in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: steps ")
+    assert not (tmp_path / "r" / "adapter.safetensors").exists() and not (tmp_path / "r" / "model").exists()
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["lora"].values())
+    with pytest.raises(ValueError, match="NaN or inf"):
+        checkpoint.save_adapter({"z_hid": torch.tensor([1.0, float("nan")])}, tmp_path / "r")
 
 
 def test_resume_with_other_model_refused(tiny, tmp_path):
