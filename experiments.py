@@ -35,10 +35,15 @@ ROWS = {  # name in the table -> nute.py flags (NutePrune is the default: PKD, m
 }
 
 
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def sh(cmd, log):
     with open(log, "a") as f:
         if subprocess.run([sys.executable, *map(str, cmd)], stdout=f, stderr=subprocess.STDOUT).returncode:
-            sys.exit(f"error: {' '.join(map(str, cmd))} failed; see {log}")
+            fail(f"{' '.join(map(str, cmd))} failed; see {log}")
 
 
 def at_target(run, target, config):
@@ -49,7 +54,7 @@ def at_target(run, target, config):
     adapter = load_file(str(run / "adapter.safetensors"))
     masks = lambda shift: {k: nute.deterministic_z(v, shift) for k, v in log_alpha.items()}
     if any(not torch.allclose(z, adapter[k].float(), rtol=0, atol=1e-6) for k, z in masks(0.0).items()):
-        raise SystemExit(f"error: {run}/checkpoint.pt does not hold the masks of its adapter.safetensors")
+        fail(f"{run}/checkpoint.pt does not hold the masks of its adapter.safetensors")
     lo, hi = -20.0, 20.0  # sparsity falls as the shift grows: keep hi on the side at or below the target
     for _ in range(40):
         mid = (lo + hi) / 2
@@ -104,7 +109,14 @@ def get_args(argv=None):
     p.add_argument("--at-target", action="store_true", help="also score each learned-mask run with its masks "
                    "moved to exactly the target (for runs that did not land on it)")
     p.add_argument("--out", default="results")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # checked here, not after the dense row has been scored
+        targets, _ = [float(t) for t in args.targets.split(",")], [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        fail(f"--targets and --seeds are comma lists of numbers, got {args.targets!r}, {args.seeds!r}")
+    if not all(0 < t < 1 for t in targets) or min(args.steps, args.batch_size, args.seq_len - 1) < 1 or args.limit < 0:
+        fail("--targets in (0, 1); --steps, --batch-size >= 1; --seq-len >= 2; --limit >= 0")
+    return args
 
 
 def make_jobs(args):
@@ -113,7 +125,7 @@ def make_jobs(args):
     trained run)."""
     rows = args.rows.split(",") if args.rows else list(ROWS)
     if bad := [r for r in rows if r not in ROWS]:
-        sys.exit(f"error: --rows: unknown {bad}; choose from {list(ROWS)}")
+        fail(f"--rows: unknown {bad}; choose from {list(ROWS)}")
     seeds = [int(x) for x in args.seeds.split(",")]
     folder_of = lambda name, ratio, seed: (name.split(" (")[0].replace(" ", "-").replace(",", "") + f"-{ratio[:-1]}"
                                            + (f"-seed{seed}" if seed else ""))
