@@ -130,9 +130,9 @@ ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a respo
 def read_alpaca(path):
     """Alpaca-style JSON list of {instruction, input, output} -> [(prompt, response)] with the
     standard Alpaca prompt template (the one LLM-Pruner's post-training uses)."""
+    text = _open_text(path)
     try:
-        pairs = [((ALPACA if r.get("input") else ALPACA_NO_INPUT).format(**r), r["output"])
-                 for r in json.loads(_open_text(path))]
+        pairs = [((ALPACA if r.get("input") else ALPACA_NO_INPUT).format(**r), r["output"]) for r in json.loads(text)]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not an Alpaca JSON list of {{instruction, input, output}} ({e!r})") from None
     if not pairs:

@@ -354,8 +354,10 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     # check everything cheap before loading anything
     args.tasks = parse_tasks(args.tasks) if args.tasks else []
-    if args.ppl and not os.path.exists(args.ppl):
-        raise ValueError(f"{args.ppl}: file not found")
+    if args.ppl and not os.path.isfile(args.ppl):
+        raise ValueError(f"--ppl {args.ppl}: no such file")
+    if args.run and not os.path.isfile(os.path.join(args.run, "adapter.safetensors")):
+        raise ValueError(f"--run {args.run}: no adapter.safetensors there (not a finished nute.py run)")
     if args.limit is not None and args.limit < 1 or args.batch_size < 1 or args.seq_len < 2:
         raise ValueError("--limit and --batch-size must be >= 1, --seq-len >= 2")
     if args.runs < 1 or args.prompt_len < 1 or args.gen_len <= args.prompt_len:

@@ -11,6 +11,7 @@ same model with a frozen snapshot of earlier masks + LoRA (a few MB, kept on the
 import argparse
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -475,6 +476,11 @@ def get_args(argv=None):
     if args.warmup is not None and not 0 <= args.warmup <= 1:
         raise ValueError(f"--warmup is a fraction of the steps in [0, 1], got {args.warmup}")
     check_device(args.device)
+    for name in ("ckpt", "data", "finetune"):
+        if getattr(args, name) and not os.path.exists(getattr(args, name)):
+            raise ValueError(f"--{name} {getattr(args, name)}: no such file or folder")
+    if args.run and not os.path.isfile(os.path.join(args.run, "adapter.safetensors")):
+        raise ValueError(f"--run {args.run}: no adapter.safetensors there (not a finished nute.py run)")
     if args.run and args.magnitude:
         raise ValueError("--run and --magnitude both fix the masks: choose one")
     if args.finetune and not args.run:

@@ -123,14 +123,14 @@ def test_projection_hits_any_target_and_keeps_the_order():
 
 
 @pytest.mark.parametrize("target, steps", [(0.2, 150), (0.5, 150), (0.5, 600)])
-def test_controller_tracks_the_ramp_on_a_toy_problem(target, steps):
+def test_controller_tracks_the_ramp_on_a_toy_problem(target, steps, tmp_path):
     """SmolLM2's masks, Adam at the reference lr 0.1 on log_alpha from the clamp, and a task loss whose
     gradient, noisy and ~1e4 times larger than Eq. 11's early on, wants every unit kept. The projection must
     hold the ramp at every step after the first quarter of the warm-up and end within 0.005 of the target
     in the deterministic masks (the acceptance test of the real runs, without the model), and the masks
     must still learn which units the task wants: half of them lower the loss when kept, half when pruned."""
     g = torch.Generator().manual_seed(1)
-    args = nute.get_args(["--ckpt", "x", "--target", str(target), "--steps", str(steps)])
+    args = nute.get_args(["--ckpt", str(tmp_path), "--target", str(target), "--steps", str(steps)])
     log_alpha = {k: v.requires_grad_(True) for k, v in nute.init_log_alpha(SMOLLM2, g).items()}
     with torch.no_grad():
         for v in log_alpha.values():
@@ -369,6 +369,8 @@ def nute_cli(*argv):
     (["--out", "FILE"], "a file, not a folder"),
     (["--out", "FILE/o"], "cannot create it in"),
     (["--resume"], "holds no run"),
+    (["--data", "DIR/missing.txt"], "no such file"),
+    (["--run", "DIR", "--finetune", "BAD.gz"], "no adapter.safetensors there"),
 ])
 def test_bad_input_exit_2(tiny, tmp_path, extra, message):
     """One line, exit 2, and nothing written: every setting is checked before the run folder is made."""
