@@ -446,7 +446,7 @@ def open_run(out, settings, resume):
         diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in settings.items() if saved.get(k) != v]
         if diff:
             raise ValueError(f"--resume: {out} was run with other settings: " + ", ".join(diff))
-        return out, saved["run_id"]
+        return out, saved.get("run_id")  # None for a run made before run ids
     out.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex
     (out / "settings.json").write_text(json.dumps({**settings, "run_id": run_id}, indent=1))

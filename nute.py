@@ -490,9 +490,10 @@ def get_args(argv=None):
         raise ValueError(f"--lora-targets: unknown {sorted(bad)}; choose from {','.join(LORA_TARGETS)}")
     args.lr_lora = args.lr_lora or (1e-4 if args.finetune else 1e-3)
     args.warmup = warmup_for(args.target) if args.warmup is None else args.warmup
-    if (args.ckpt is None or args.data is None) and not data.ready():  # missing, or damaged since
-        data.fetch()
-    args.ckpt = args.ckpt or str(data.default_model_path())
+    if args.ckpt is None:
+        if not data.ready():  # missing, or damaged since it was fetched
+            data.fetch()
+        args.ckpt = str(data.default_model_path())
     return args
 
 
