@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import hub
 from model import ModelConfig, build, mask_shapes
 from tokenizer import load_tokenizer
 
@@ -300,9 +301,13 @@ def read_checkpoint(path):
 
 
 def load(path, dtype=torch.float32, device="cpu", max_seq_len=None):
-    """Loads a checkpoint (HF folder, Meta folder or .gguf file) -> (Transformer, Tokenizer)."""
+    """Loads a checkpoint (HF folder, Meta folder, .gguf file or hub name ORG/NAME[@REV]) -> (Transformer, Tokenizer)."""
+    try:
+        path = hub.resolve(path)
+    except hub.HubError as e:
+        raise LoadError(str(e)) from None
     if not os.path.exists(path):
-        raise LoadError(f"{path}: no such file or folder")
+        raise LoadError(f"{path}: no such file or folder (nor a hub name ORG/NAME[@REV])")
     try:
         config, state, tok_source, interleaved = read_checkpoint(path)
     except (json.JSONDecodeError, KeyError, TypeError) as e:

@@ -333,7 +333,8 @@ def latency_table(results):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="a .gguf file or checkpoint folder (default: the run's base, else SmolLM2-135M)")
+    p.add_argument("--ckpt", help="a .gguf file, checkpoint folder or hub name ORG/NAME[@REV] (default: the run's "
+                   "base, else SmolLM2-135M)")
     p.add_argument("--run", help="a nute.py run folder: evaluate --ckpt masked by its adapter.safetensors")
     p.add_argument("--compare", action="append", default=[], help="another checkpoint to evaluate (repeatable)")
     p.add_argument("--ppl", help="text file for perplexity (WikiText-2's wiki.test.raw for the paper's column)")

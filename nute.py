@@ -25,6 +25,7 @@ from tqdm import tqdm
 import baselines
 import data
 import evaluate
+import hub
 from checkpoint import (LoadError, check_device, check_finite, check_run_folder, load, load_adapter, load_run_state,
                         open_run, save, save_adapter, save_run_state)
 from model import LORA_TARGETS, MASKS, expected_size, mask_shapes, mask_sparsity, prunable_size, slice_model
@@ -417,7 +418,8 @@ def train(args):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="NutePrune: structured pruning with numerous teachers")
-    p.add_argument("--ckpt", help="HF folder, Meta folder or .gguf file (default: the fetched SmolLM2-135M)")
+    p.add_argument("--ckpt", help="HF folder, Meta folder, .gguf file or hub name ORG/NAME[@REV] "
+                   "(default: the fetched SmolLM2-135M)")
     p.add_argument("--target", type=float, default=0.2, help="target sparsity of the prunable weights, in (0, 1)")
     p.add_argument("--out", default="runs/default", help="run folder: settings, log.jsonl, checkpoint, export")
     p.add_argument("--data", help="training text (.txt, .jsonl[.gz] with 'text', <doc> wiki); default: fetched C4 + Wikipedia")
@@ -477,8 +479,9 @@ def get_args(argv=None):
         raise ValueError(f"--warmup is a fraction of the steps in [0, 1], got {args.warmup}")
     check_device(args.device)
     for name in ("ckpt", "data", "finetune"):
-        if getattr(args, name) and not os.path.exists(getattr(args, name)):
-            raise ValueError(f"--{name} {getattr(args, name)}: no such file or folder")
+        path = getattr(args, name)
+        if path and not os.path.exists(path) and not (name == "ckpt" and hub.REPO_ID.fullmatch(path)):
+            raise ValueError(f"--{name} {path}: no such file or folder" + (name == "ckpt") * " (nor a hub name ORG/NAME)")
     if args.run and not os.path.isfile(os.path.join(args.run, "adapter.safetensors")):
         raise ValueError(f"--run {args.run}: no adapter.safetensors there (not a finished nute.py run)")
     if args.run and args.magnitude:

@@ -561,7 +561,7 @@ def test_real_model_kv_cache_equals_full_forward(smollm):
 # ----------------------------------------------------------------------------------------------------
 # The layout: each file imports only the files below it, and the network opens no file
 
-ORDER = ["model", "tokenizer", "checkpoint", "data", "baselines", "evaluate", "nute", "experiments", "bench"]
+ORDER = ["model", "tokenizer", "hub", "checkpoint", "data", "baselines", "evaluate", "nute", "experiments", "bench"]
 
 
 def test_files_import_only_lower_files():
