@@ -228,6 +228,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)  # fp64; cast where used
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.grad_checkpoint = False  # nute.py --grad-checkpoint
 
     def forward(self, tokens, adapter=None, start_pos=None, return_hidden=False):
         """tokens [B, T] -> logits [B, T, vocab], and with return_hidden the states the layer loss compares:
@@ -252,7 +253,10 @@ class Transformer(nn.Module):
             h = h * z_hid.to(h.dtype)
         hidden = []
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, adapter, i, start_pos)
+            if self.grad_checkpoint and torch.is_grad_enabled():  # keep each block's input, redo its inside in backward
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, adapter, i, start_pos, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, adapter, i, start_pos)
             hidden.append(h)
         h = hidden[-1] = self.norm(h)  # [B, T, dim]
         logits = F.linear(h, self.tok_embeddings.weight if self.output is None else self.output.weight)

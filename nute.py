@@ -236,7 +236,7 @@ def micro_step(model, x, loss_mask, student, teacher, distill, args):
 # ----------------------------------------------------------------------------------------------------
 # The training loop: pruning (masks + LoRA, Lagrangian, teachers) and post fine-tuning (masks frozen)
 
-RUN_ONLY = ("resume", "stop_after", "save_every", "eval", "out")  # may change between a run and its resume
+RUN_ONLY = ("resume", "stop_after", "save_every", "eval", "out", "grad_checkpoint")  # may differ on --resume
 MAX_SKIPPED = 5  # this many non-finite steps in a row stop the run: it has diverged
 
 
@@ -370,6 +370,7 @@ def train(args):
     """The whole run -> (model, tokenizer, adapter), or None when --stop-after ended it early."""
     check_run_folder(args.out, args.resume)  # before the long load; the folder is written only after it
     model, tok = load(args.ckpt, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, device=args.device)
+    model.grad_checkpoint = args.grad_checkpoint
     if args.seq_len > model.config.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len}: {args.ckpt} takes at most {model.config.max_seq_len} tokens")
     batches = data.training_blocks(tok, args.seq_len, args.data, args.finetune)  # (tokens, loss mask)
@@ -453,6 +454,8 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="base weights and compute (masks, LoRA stay fp32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block: the "
+                   "student's activations are recomputed in backward (less memory, ~1/3 more compute)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--stop-after", type=int, help="stop after N steps of this invocation (like a kill; --resume continues)")

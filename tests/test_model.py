@@ -353,6 +353,33 @@ def test_gradients_reach_lora_and_masks_not_the_base_weights():
     assert all(p.grad is None for p in m.parameters())
 
 
+def test_activation_checkpointing_gives_the_same_gradients():
+    """--grad-checkpoint recomputes each block in backward: the same masks' and LoRA's gradients (float64;
+    the recomputation repeats the same ops, so they agree to rounding), and only where a graph is built."""
+    config = tiny_config()
+    m, tok = make_model(config), tokens_for(config)
+    adapter = {k: (v.requires_grad_() if torch.is_tensor(v) else v)
+               for k, v in {**soft_masks(config), **lora_adapter(m)}.items()}
+    grads = []
+    for flag in (False, True):
+        m.grad_checkpoint = flag
+        logits, hidden = m(tok, adapter, return_hidden=True)
+        (logits.square().mean() + sum(h.square().mean() for h in hidden)).backward()  # the layer loss's states too
+        grads.append({k: v.grad.clone() for k, v in adapter.items() if torch.is_tensor(v)})
+        for v in grads[-1]:
+            adapter[v].grad = None
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-12, atol=1e-14, msg=k)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        m(tok, adapter).sum()
+    m.grad_checkpoint = False
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(-t.numel()) or t, lambda t: t):
+        m(tok, adapter).sum()
+    kept, full = sum(n for n in saved if n > 0), -sum(n for n in saved if n < 0)
+    assert kept < full / 2, (kept, full)  # fewer activations held for backward
+
+
 # ----------------------------------------------------------------------------------------------------
 # KV cache and generation
 
