@@ -92,11 +92,11 @@ def split_docs(docs, every=10):
     return [d for d, h in zip(docs, held) if not h], [d for d, h in zip(docs, held) if h]
 
 
-def pack(docs, tok, seq_len, sep=None):
+def pack(docs, tok, seq_len, sep=None, blocks=None):
     """Tokenize documents, join them with a separator token after each, cut into [n_blocks, seq_len]
-    (the remainder is dropped). The separator defaults to <|endoftext|> where the vocabulary has it
-    (byte-level BPE models train with it between documents; SmolLM2's eos is the chat <|im_end|>),
-    else eos."""
+    (the remainder is dropped; with `blocks`, only the first that many, and tokenizing stops there).
+    The separator defaults to <|endoftext|> where the vocabulary has it (byte-level BPE models train
+    with it between documents; SmolLM2's eos is the chat <|im_end|>), else eos."""
     if not any(docs):
         raise ValueError("pack: no text to pack")
     if sep is None:
@@ -104,7 +104,9 @@ def pack(docs, tok, seq_len, sep=None):
     ids = []
     for d in docs:
         ids += tok.encode(d) + ([sep] if sep is not None else [])
-    n = len(ids) // seq_len
+        if blocks and len(ids) >= blocks * seq_len:
+            break
+    n = min(len(ids) // seq_len, blocks or len(ids))
     if n == 0:
         raise ValueError(f"pack: only {len(ids)} tokens of text, fewer than one block of {seq_len}")
     return torch.tensor(ids[:n * seq_len], dtype=torch.long).view(n, seq_len)
@@ -140,9 +142,10 @@ def read_alpaca(path):
     return pairs
 
 
-def training_blocks(tok, seq_len, path=None, alpaca=None):
+def training_blocks(tok, seq_len, path=None, alpaca=None, blocks=None):
     """The training set -> tokens [N, seq_len] and loss mask [N, seq_len]: packed text from `path` (default:
-    default_texts' training part), or with `alpaca` prompt + response rows that score the response only."""
+    default_texts' training part; its first `blocks` blocks when given), or with `alpaca` prompt + response
+    rows that score the response only."""
     if alpaca:
         rows, masks = [], []
         for prompt, response in read_alpaca(alpaca):
@@ -155,8 +158,8 @@ def training_blocks(tok, seq_len, path=None, alpaca=None):
             raise ValueError(f"{alpaca}: no response fits in --seq-len {seq_len} after its prompt")
         return torch.tensor(rows), torch.tensor(masks, dtype=torch.float32)
     docs = read_texts(path) if path else default_texts()[0]
-    blocks = pack(docs, tok, seq_len)
-    return blocks, torch.ones(blocks.shape, dtype=torch.float32)
+    ids = pack(docs, tok, seq_len, blocks=blocks)
+    return ids, torch.ones(ids.shape, dtype=torch.float32)
 
 
 @functools.lru_cache(maxsize=2)

@@ -373,7 +373,7 @@ def train(args):
     model.grad_checkpoint = args.grad_checkpoint
     if args.seq_len > model.config.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len}: {args.ckpt} takes at most {model.config.max_seq_len} tokens")
-    batches = data.training_blocks(tok, args.seq_len, args.data, args.finetune)  # (tokens, loss mask)
+    batches = data.training_blocks(tok, args.seq_len, args.data, args.finetune, args.blocks)  # (tokens, loss mask)
     if len(batches[0]) == 0:
         raise ValueError("the training data is empty")
     out, run_id = open_run(args.out, {k: v for k, v in vars(args).items() if k not in RUN_ONLY}, args.resume)
@@ -425,6 +425,8 @@ def get_args(argv=None):
     p.add_argument("--out", default="runs/default", help="run folder: settings, log.jsonl, checkpoint, export")
     p.add_argument("--data", help="training text (.txt, .jsonl[.gz] with 'text', <doc> wiki); default: fetched C4 + Wikipedia")
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--blocks", type=int, help="train on the first N packed blocks of --seq-len tokens (the paper: "
+                   "20000 of 512); default: all of the text")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=400, help="optimizer steps")
@@ -467,7 +469,7 @@ def get_args(argv=None):
     if not 0 < args.target < 1:
         raise ValueError(f"--target must be in (0, 1), got {args.target}")
     flag = lambda name: "--" + name.replace("_", "-")
-    for name in ("steps", "batch_size", "grad_accum", "save_every", "lora_rank", "stop_after"):
+    for name in ("steps", "batch_size", "grad_accum", "save_every", "lora_rank", "stop_after", "blocks"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
     if args.seq_len < 2:

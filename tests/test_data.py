@@ -56,6 +56,10 @@ def test_pack():
     # a b <eot> | <the> <eot> c | <eot> dropped
     assert blocks.dtype == torch.long and blocks.tolist() == [[97, 98, 259], [258, 259, 99]]
     assert data.pack(["ab"], tok, seq_len=2, sep=7).tolist() == [[97, 98]]
+    encoded = []
+    tok_spy = type("Spy", (), {"token_to_id": {}, "eos_id": 0, "encode": lambda self, d: encoded.append(d) or tok.encode(d)})()
+    assert data.pack(["abc", "def", "ghi"], tok_spy, seq_len=2, blocks=3).tolist() == [[97, 98], [99, 0], [100, 101]]
+    assert encoded == ["abc", "def"]  # tokenizing stops once the blocks are there
     with pytest.raises(ValueError, match="no text"):
         data.pack(["", ""], tok, 4)
     with pytest.raises(ValueError, match="fewer than one block"):
