@@ -354,7 +354,7 @@ def train_step(step, model, batches, student, lambdas, opts, queue, gen, args):
     with torch.no_grad():
         for v in student.log_alpha.values():
             v.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
-    if learn_masks and args.controller == "project":
+    if learn_masks and args.controller == "project" and not terms["skipped"]:
         project_to_target(student.log_alpha, target, config)
     s_now = expected_sparsity(student.log_alpha, config).item() if learn_masks else mask_sparsity(student.fixed, config)
     taken = queue.maybe_snapshot(s_now, student) if distill == "pkd" and learn_masks else None

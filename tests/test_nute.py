@@ -248,6 +248,7 @@ def test_a_non_finite_loss_skips_the_step(tiny, tmp_path, monkeypatch):
     run(tiny, tmp_path / "r", "--target", "0.3", "--steps", "3")
     rows = [json.loads(line) for line in open(tmp_path / "r" / "log.jsonl")]
     assert all(r["skipped"] == 1 for r in rows)
+    assert len({r["expected_sparsity"] for r in rows}) == 1  # nor did the controller move the masks
     adapter = load_file(str(tmp_path / "r" / "adapter.safetensors"))
     assert all(adapter[k].abs().sum() == 0 for k in adapter if k.endswith(".lora_B"))  # B starts at 0, never stepped
     assert all(torch.isfinite(v).all() for v in adapter.values())
