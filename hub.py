@@ -56,6 +56,8 @@ def weight_files(folder):
 
 
 def download(repo, rev):
+    """config.json, the safetensors (one file, or the index and its shards) and the tokenizer files of
+    repo at rev into $NUTE_CACHE/hub/ORG--NAME/REV -> that folder."""
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     cache = Path(os.environ.get("NUTE_CACHE", "~/.cache/nute")).expanduser()
     folder = cache / "hub" / repo.replace("/", "--") / rev.replace("/", "--")
