@@ -464,7 +464,7 @@ def save_run_state(out, state):
     os.replace(tmp, Path(out) / "checkpoint.pt")  # a kill mid-write leaves the previous checkpoint intact
 
 
-def load_run_state(out, run_id, device):
+def load_run_state(out, run_id, device, trim_log=True):
     """-> the saved training state, or None when the run died before its first checkpoint. The log keeps
     the rows up to the checkpoint's step (a resume redoes the rest); a line torn by a crash is dropped."""
     path, log = Path(out) / "checkpoint.pt", Path(out) / "log.jsonl"
@@ -476,6 +476,8 @@ def load_run_state(out, run_id, device):
             raise LoadError(f"{path}: cannot be read ({type(e).__name__}); delete it to restart the run") from None
         if not isinstance(state, dict) or state.get("run_id") != run_id:
             raise LoadError(f"{path}: belongs to another run than {Path(out) / 'settings.json'}")
+    if not trim_log:
+        return state
     rows, keep = log.read_text().splitlines() if log.exists() else [], []
     for i, row in enumerate(rows):
         try:

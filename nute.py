@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -28,7 +29,7 @@ import evaluate
 import hub
 from checkpoint import (LoadError, check_device, check_finite, check_run_folder, load, load_adapter, load_run_state,
                         open_run, save, save_adapter, save_run_state)
-from model import LORA_TARGETS, MASKS, expected_size, mask_shapes, mask_sparsity, prunable_size, slice_model
+from model import LORA_TARGETS, MASKS, build, expected_size, mask_shapes, mask_sparsity, prunable_size, slice_model
 
 # ----------------------------------------------------------------------------------------------------
 # Hard-concrete L0 masks (Louizos et al. 2017; paper Appendix A, Eq. 10)
@@ -236,7 +237,7 @@ def micro_step(model, x, loss_mask, student, teacher, distill, args):
 # ----------------------------------------------------------------------------------------------------
 # The training loop: pruning (masks + LoRA, Lagrangian, teachers) and post fine-tuning (masks frozen)
 
-RUN_ONLY = ("resume", "stop_after", "save_every", "eval", "out", "grad_checkpoint")  # may differ on --resume
+RUN_ONLY = ("resume", "stop_after", "save_every", "eval", "out", "grad_checkpoint", "rank")  # may differ on --resume
 MAX_SKIPPED = 5  # this many non-finite steps in a row stop the run: it has diverged
 
 
@@ -304,8 +305,8 @@ def save_checkpoint(out, run_id, step, student, lambdas, opts, queue, gen):
 
 def restore_checkpoint(out, run_id, student, lambdas, opts, queue, gen):
     """Puts the saved state back into the live tensors and objects -> the step to go on from (0 when the
-    run died before its first checkpoint)."""
-    ck = load_run_state(out, run_id, lambdas.device)
+    run died before its first checkpoint). Every rank reads it; rank 0 alone trims the log."""
+    ck = load_run_state(out, run_id, lambdas.device, trim_log=int(os.environ.get("RANK", 0)) == 0)
     if ck is None:
         return 0
     with torch.no_grad():
@@ -328,17 +329,27 @@ def train_step(step, model, batches, student, lambdas, opts, queue, gen, args):
     if "lora" in opts:
         opts["lora"].param_groups[0]["lr"] = lora_lr(step, args)
     adapter = student.adapter(gen)
+    # the masks are sampled once a step; every micro-batch adds its gradient to z, and z's own graph back
+    # to log_alpha is walked once, after the last micro-batch
+    sampled = {k: adapter[k] for k in student.log_alpha}
+    adapter.update({k: z.detach().requires_grad_() for k, z in sampled.items()})
     distill = "none" if args.finetune else args.distill
     key = teacher = None
     if distill == "pkd" and learn_masks:  # with fixed masks there are no snapshots: the intact model teaches
         key = queue.teacher_key(step, expected_sparsity(student.log_alpha, config).item(), args.steps)
         teacher = None if key is None else {k: v.to(device) for k, v in queue.snapshots[key].items()}
     terms = {"kl": 0.0, "layer": 0.0, "ce": 0.0, "skipped": 0}
-    for micro in range(args.grad_accum):
-        rows = data.batch_rows(step * args.grad_accum + micro, args.batch_size, len(batches[0]), args.seed)
+    for micro in range(args.grad_accum):  # this rank's share of the global batch (all of it in one process)
+        rows = data.batch_rows(step * args.grad_accum + micro, args.batch_size * args.world, len(batches[0]), args.seed)
+        rows = rows[args.rank * args.batch_size:(args.rank + 1) * args.batch_size]
         x, m = batches[0][rows].to(device), batches[1][rows].to(device)
         for k, v in micro_step(model, x, m, adapter, teacher, distill != "none", args).items():
             terms[k] += v if k == "skipped" else v / args.grad_accum
+    z_grads = [adapter[k].grad for k in sampled]
+    if sampled and all(g is not None for g in z_grads):  # (None: every micro-batch was skipped)
+        torch.autograd.backward(list(sampled.values()), z_grads)
+    if args.world > 1:
+        terms = average_over_ranks(student, terms, args.world)
     lag = torch.zeros(())
     if "lambda" in opts:  # Eq. 7's L0 term: descends on log_alpha, ascends on the lambdas
         lag = lagrangian(expected_sparsity(student.log_alpha, config), target, lambdas)
@@ -366,9 +377,50 @@ def train_step(step, model, batches, student, lambdas, opts, queue, gen, args):
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # peak RSS on the CPU
 
 
+def average_over_ranks(student, terms, world):
+    """Data parallel (torchrun): every rank ends with the gradients and losses of the global batch. A rank
+    whose loss was not finite sends NaN, so every rank skips that step together."""
+    for p in (*student.log_alpha.values(), *student.lora.values()):
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        if terms["skipped"]:
+            p.grad.fill_(math.nan)
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    losses = torch.tensor([terms["kl"], terms["layer"], terms["ce"]], device=p.device) / world
+    dist.all_reduce(losses)
+    return {**dict(zip(("kl", "layer", "ce"), losses.tolist())), "skipped": 0}  # skipped: set by the NaN check
+
+
+def init_distributed(args):
+    """Under torchrun (args.world > 1): one process per device, gloo on the CPU, NCCL on GPUs."""
+    if args.world > 1 and not dist.is_initialized():
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+
+
+def shard(model, args):
+    """--fsdp: every block's base weights (and the embeddings) split over the ranks with FSDP2; a forward
+    gathers a block's weights just in time. Masks and LoRA stay whole on every rank."""
+    from torch.distributed.fsdp import fully_shard
+    mesh = dist.device_mesh.init_device_mesh(torch.device(args.device).type, (args.world,))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def unshard(model):
+    """--fsdp: the whole weights again (a collective: every rank calls it) -> a plain model."""
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    return build(model.config, state)
+
+
 def train(args):
     """The whole run -> (model, tokenizer, adapter), or None when --stop-after ended it early."""
-    check_run_folder(args.out, args.resume)  # before the long load; the folder is written only after it
+    init_distributed(args)
+    if args.rank == 0:
+        check_run_folder(args.out, args.resume)  # before the long load; the folder is written only after it
     model, tok = load(args.ckpt, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, device=args.device)
     model.grad_checkpoint = args.grad_checkpoint
     if args.seq_len > model.config.max_seq_len:
@@ -376,9 +428,16 @@ def train(args):
     batches = data.training_blocks(tok, args.seq_len, args.data, args.finetune, args.blocks)  # (tokens, loss mask)
     if len(batches[0]) == 0:
         raise ValueError("the training data is empty")
-    out, run_id = open_run(args.out, {k: v for k, v in vars(args).items() if k not in RUN_ONLY}, args.resume)
-    gen = torch.Generator().manual_seed(args.seed)  # LoRA init and mask noise; saved with the checkpoint
+    settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+    out, run_id = open_run(args.out, settings, args.resume) if args.rank == 0 else (Path(args.out), None)
+    if args.world > 1:  # the other ranks learn the run id (and wait for rank 0's checks)
+        run_id = [run_id]
+        dist.broadcast_object_list(run_id)
+        run_id = run_id[0]
+    gen = torch.Generator().manual_seed(args.seed)  # LoRA init and mask noise: the same on every rank
     student = init_student(args, model, gen)
+    if args.fsdp:
+        shard(model, args)
     lambdas = torch.zeros(2, device=model.tok_embeddings.weight.device, requires_grad=True)
     opts, queue = make_optimizers(args, student, lambdas), TeacherQueue(args.target, args.interval, args.gap)
     start = restore_checkpoint(out, run_id, student, lambdas, opts, queue, gen) if args.resume else 0
@@ -387,8 +446,9 @@ def train(args):
     # every save_every steps an atomic checkpoint holds all the state a resume needs (masks, LoRA, lambdas,
     # optimizers, teacher snapshots, the RNG). A step with a non-finite loss or gradient changes nothing.
     skipped = in_a_row = 0
-    with open(out / "log.jsonl", "a") as log:
-        bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="prune" if student.log_alpha else "tune")
+    with open(out / "log.jsonl" if args.rank == 0 else os.devnull, "a") as log:
+        bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.rank > 0,
+                   desc="prune" if student.log_alpha else "tune")
         for step in bar:
             row = train_step(step, model, batches, student, lambdas, opts, queue, gen, args)
             log.write(json.dumps(row) + "\n")
@@ -400,13 +460,17 @@ def train(args):
             bar.set_postfix(sparsity=f"{row['expected_sparsity']:.3f}", target=f"{row['target']:.3f}",
                             **{k: f"{row[k]:.3g}" for k in ("kl", "layer", "ce") if row[k]},
                             **({"skipped": skipped} if skipped else {}))
-            if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            if ((step + 1) % args.save_every == 0 or step + 1 == args.steps) and args.rank == 0:
                 log.flush()
                 save_checkpoint(out, run_id, step + 1, student, lambdas, opts, queue, gen)
             if args.stop_after and step + 1 - start >= args.stop_after:
                 return None  # a deliberate stop, like a kill: what was not checkpointed is lost
 
+    if args.fsdp:
+        model = unshard(model)
     adapter = student.frozen()
+    if args.rank > 0:
+        return None
     save_adapter(adapter, out)
     (out / "structure.md").write_text(evaluate.structure_table(adapter, model.config))
     adapter["lora_scale"] = float(adapter["lora_scale"])
@@ -456,6 +520,8 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="base weights and compute (masks, LoRA stay fp32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base weights over the processes "
+                   "(FSDP2), for a model that does not fit one device; default: each process holds them all")
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block: the "
                    "student's activations are recomputed in backward (less memory, ~1/3 more compute)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
@@ -489,6 +555,9 @@ def get_args(argv=None):
             raise ValueError(f"--{name} {path}: no such file or folder" + (name == "ckpt") * " (nor a hub name ORG/NAME)")
     if args.run and not os.path.isfile(os.path.join(args.run, "adapter.safetensors")):
         raise ValueError(f"--run {args.run}: no adapter.safetensors there (not a finished nute.py run)")
+    args.world, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # torchrun's
+    if args.fsdp and args.world < 2:
+        raise ValueError("--fsdp shards over several processes: run under torchrun --nproc_per_node N")
     if args.run and args.magnitude:
         raise ValueError("--run and --magnitude both fix the masks: choose one")
     if args.finetune and not args.run:
@@ -508,6 +577,8 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     result = train(args)
+    if args.rank > 0:  # torchrun: rank 0 exports and reports
+        return
     if result is None:
         print(f"stopped after {args.stop_after} steps; continue with --resume")
         return
