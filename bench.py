@@ -5,6 +5,7 @@
     python bench.py export    # decode speed of models pruned to 20% / 50% against the weight-bytes limit
     python bench.py eval      # zero-shot scoring: batched (shared contexts) vs one request per forward
     python bench.py layers --run runs/x   # the layer loss (Eq. 6) per layer, plain and --layer-norm teacher
+    python bench.py plan      # memory (and CPU time) of the paper's step for LLaMA-7B / 13B / 70B shapes
 """
 import argparse
 import json
@@ -193,9 +194,81 @@ def bench_layers(args):
     print(f"| sum (Eq. 6) | | {total[0]:.3g} | {total[1]:.3g} |\n\nKL (Eq. 5): {kl:.3g}")
 
 
+# The paper's step at full size: random weights of the real shapes with one and two layers; their difference
+# is one layer, the rest (embeddings, logits, KL) is counted once
+SHAPES = {"LLaMA-7B": dict(dim=4096, n_heads=32, n_kv_heads=32, ffn_dim=11008, layers=32),
+          "LLaMA-2-13B": dict(dim=5120, n_heads=40, n_kv_heads=40, ffn_dim=13824, layers=40),
+          "LLaMA-2-70B": dict(dim=8192, n_heads=64, n_kv_heads=8, ffn_dim=28672, layers=80)}
+
+
+def paper_step(shape, n_layers, grad_checkpoint, batch, seq_len, timed_step):
+    """One PKD step (teacher forward, student forward + Eq. 5-6 + backward) of a bf16 model with n_layers
+    -> (bytes autograd keeps for backward, seconds of the whole step or None)."""
+    c = model.ModelConfig(**{k: v for k, v in shape.items() if k != "layers"}, head_dim=128, vocab_size=32000,
+                          n_layers=n_layers, max_seq_len=seq_len)
+    m = model.Transformer(c).to(torch.bfloat16).requires_grad_(False)
+    m.grad_checkpoint = grad_checkpoint
+    g = torch.Generator().manual_seed(0)
+    la = {k: v.requires_grad_(True) for k, v in nute.init_log_alpha(c, g).items()}
+    lora = {k: v.requires_grad_(True) for k, v in nute.init_lora(m, ["q", "v"], 8, g).items()}
+    x = torch.randint(0, c.vocab_size, (batch, seq_len), generator=g)
+    saved = {}
+
+    def keep(t):  # counted once per storage: views of one tensor share it
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        logits_t, hidden_t = m(x, return_hidden=True)
+    adapter = nute.Student(la, lora, 1.0, {}).adapter(g)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        logits, hidden = m(x, adapter, return_hidden=True)
+        kl, layer = nute.distill_loss(logits, logits_t, hidden, hidden_t, adapter["z_hid"], 2 / 3, "teacher")
+    if not timed_step:
+        return sum(saved.values()), None
+    (0.1 * kl + 0.9 * layer).backward()
+    return sum(saved.values()), time.perf_counter() - t0
+
+
+def bench_plan(args):
+    """Memory of the paper's step (4 x 512, bf16) per layer, extrapolated to the full depth; CPU time of the
+    step for the first shape (the others scale with their weights per layer)."""
+    B, T, gb = 4, 512, 2**30
+    print(f"batch {B} x {T}, bf16, LoRA r8 on q,v, PKD with the layer loss; measured on this CPU "
+          f"({torch.get_num_threads()} threads)\n")
+    print("| model | weights (GB) | activations per layer (MB) | + checkpointing | other activations (GB) | "
+          "one GPU (GB) | + checkpointing | FSDP on 8 GPUs, each (GB) | CPU s per layer | + checkpointing |")
+    print("|" + "---|" * 10)
+    per_layer_s, first = {}, None
+    for name, shape in SHAPES.items():
+        timed_step = first is None
+        row = {}
+        for ckpt in (False, True):
+            if timed_step:  # a warm-up step, untimed: first calls allocate
+                paper_step(shape, 1, ckpt, B, T, True)
+            (b1, s1), (b2, s2) = (paper_step(shape, n, ckpt, B, T, timed_step) for n in (1, 2))
+            row[ckpt] = (b2 - b1, b1 - (b2 - b1), (s2 - s1) if timed_step else None)
+        L, c = shape["layers"], model.ModelConfig(**{k: v for k, v in shape.items() if k != "layers"}, head_dim=128,
+                                                  vocab_size=32000, n_layers=shape["layers"])
+        weights = 2 * (model.prunable_size(c) + 2 * c.vocab_size * c.dim + (2 * L + 1) * c.dim)  # bf16
+        lora = 8 * L * (2 * c.dim + (c.n_heads + c.n_kv_heads) * c.head_dim) * 16  # fp32 weight, grad, Adam m, v
+        teacher_states = L * B * T * c.dim * 2  # the teacher's hidden states, kept for Eq. 6
+        total = {k: weights + lora + teacher_states + base + L * layer for k, (layer, base, _) in row.items()}
+        total[True] += row[False][0]  # backward recomputes one block at a time: its activations, once
+        fsdp = weights / 8 + lora + teacher_states + row[True][1] + L * row[True][0] + row[False][0] + weights / L
+        if timed_step:  # the other shapes' time scales with the weights of a layer
+            per_layer_s, first = {k: v[2] for k, v in row.items()}, model.prunable_size(c) / L
+        ratio = model.prunable_size(c) / L / first
+        secs = " | ".join(f"{per_layer_s[k] * ratio:.1f}" + ("" if timed_step else " (scaled)") for k in (False, True))
+        print(f"| {name} | {weights / gb:.1f} | {row[False][0] / 2**20:.0f} | {row[True][0] / 2**20:.0f} | "
+              f"{row[False][1] / gb:.2f} | {total[False] / gb:.1f} | {total[True] / gb:.1f} | {fsdp / gb:.1f} | {secs} |")
+    print("\nDDP needs what one GPU needs, on each GPU. On a GPU: `torchrun --nproc_per_node 8 nute.py --ckpt "
+          "meta-llama/Llama-2-70b-hf --fsdp --grad-checkpoint --seq-len 512 --batch-size 1 --grad-accum 2 ...`")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["model", "train", "export", "eval", "layers"])
+    p.add_argument("what", choices=["model", "train", "export", "eval", "layers", "plan"])
     p.add_argument("--ckpt", default=str(data.default_model_path()))
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--steps", type=int, default=5, help="train: timed steps per configuration")
@@ -214,6 +287,8 @@ def main():
         bench_export(args)
     elif args.what == "layers":
         bench_layers(args)
+    elif args.what == "plan":
+        bench_plan(args)
     else:
         bench_eval(args)
 
