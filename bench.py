@@ -206,7 +206,9 @@ def paper_step(shape, n_layers, grad_checkpoint, batch, seq_len, timed_step):
     -> (bytes autograd keeps for backward, seconds of the whole step or None)."""
     c = model.ModelConfig(**{k: v for k, v in shape.items() if k != "layers"}, head_dim=128, vocab_size=32000,
                           n_layers=n_layers, max_seq_len=seq_len)
-    m = model.Transformer(c).to(torch.bfloat16).requires_grad_(False)
+    torch.set_default_dtype(torch.bfloat16)  # made in bf16 directly: a 70B layer is 3.4 GB in fp32
+    m = model.Transformer(c).requires_grad_(False)
+    torch.set_default_dtype(torch.float32)
     m.grad_checkpoint = grad_checkpoint
     g = torch.Generator().manual_seed(0)
     la = {k: v.requires_grad_(True) for k, v in nute.init_log_alpha(c, g).items()}
@@ -240,8 +242,9 @@ def bench_plan(args):
           "one GPU (GB) | + checkpointing | FSDP on 8 GPUs, each (GB) | CPU s per layer | + checkpointing |")
     print("|" + "---|" * 10)
     per_layer_s, first = {}, None
-    for name, shape in SHAPES.items():
-        timed_step = first is None
+    for name in args.shapes.split(","):
+        shape = SHAPES[name]
+        timed_step = first is None and args.time
         row = {}
         for ckpt in (False, True):
             if timed_step:  # a warm-up step, untimed: first calls allocate
@@ -258,8 +261,9 @@ def bench_plan(args):
         fsdp = weights / 8 + lora + teacher_states + row[True][1] + L * row[True][0] + row[False][0] + weights / L
         if timed_step:  # the other shapes' time scales with the weights of a layer
             per_layer_s, first = {k: v[2] for k, v in row.items()}, model.prunable_size(c) / L
-        ratio = model.prunable_size(c) / L / first
-        secs = " | ".join(f"{per_layer_s[k] * ratio:.1f}" + ("" if timed_step else " (scaled)") for k in (False, True))
+        ratio = model.prunable_size(c) / L / first if first else None
+        secs = " | ".join("-" if ratio is None else f"{per_layer_s[k] * ratio:.1f}" + ("" if timed_step else " (scaled)")
+                          for k in (False, True))
         print(f"| {name} | {weights / gb:.1f} | {row[False][0] / 2**20:.0f} | {row[True][0] / 2**20:.0f} | "
               f"{row[False][1] / gb:.2f} | {total[False] / gb:.1f} | {total[True] / gb:.1f} | {fsdp / gb:.1f} | {secs} |")
     print("\nDDP needs what one GPU needs, on each GPU. On a GPU: `torchrun --nproc_per_node 8 nute.py --ckpt "
@@ -274,6 +278,9 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="train: timed steps per configuration")
     p.add_argument("--rounds", type=int, default=7, help="export: interleaved timing rounds per model")
     p.add_argument("--run", help="layers: a nute.py run whose masks the student uses")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="plan: which of " + ", ".join(SHAPES))
+    p.add_argument("--no-time", dest="time", action="store_false", help="plan: memory only (the first shape is "
+                   "timed, the others scaled by their weights per layer)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.manual_seed(0)
