@@ -343,7 +343,7 @@ def test_grad_accum_equals_one_big_batch(tiny, tmp_path):
 
 
 def torchrun(n, *argv):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "nute.py",
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "nute.py",
                            *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
 
