@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import hub
 from checkpoint import LoadError, check_device, load, load_adapter
 from model import decode_one_token, generate, mask_sparsity, prefill
 
@@ -198,7 +199,7 @@ def read_task(name, limit=None):
 # Latency (gpt-fast style): KV-cached greedy generation, timed with the device synchronized
 
 def disk_size(path):
-    p = Path(path)
+    p = Path(hub.resolve(str(path)))  # a hub name: its downloaded folder
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
