@@ -530,8 +530,12 @@ def get_args(argv=None):
     p.add_argument("--run", help="a pruning run whose masks stay frozen and whose LoRA goes on training")
     p.add_argument("--finetune", help="post fine-tuning on an Alpaca JSON file, masks frozen (Sec. 3.3)")
     p.add_argument("--no-eval", dest="eval", action="store_false", help="skip perplexity and latency at the end")
-    args = p.parse_args(argv)
-    # everything is checked here, before anything is loaded or written
+    return check_args(p.parse_args(argv))
+
+
+def check_args(args):
+    """Every setting checked and the defaults that depend on others filled in, before anything is loaded
+    or written -> args."""
     if not 0 < args.target < 1:
         raise ValueError(f"--target must be in (0, 1), got {args.target}")
     flag = lambda name: "--" + name.replace("_", "-")
