@@ -5,12 +5,19 @@ parameter names are Meta's; the others are renamed.
     model, tok = load("SmolLM2-135M-Instruct.Q4_1.gguf")   # or an HF folder, or a Meta folder
     save(small, tok, "runs/x/model")                        # HF layout + config.json with per-layer sizes
     adapter = load_adapter("runs/x", model)                 # what nute.py learned, checked against the model
+
+The command line writes any checkpoint, or a run's pruned model, for llama.cpp or Hugging Face:
+
+    python checkpoint.py --run runs/default --out pruned.gguf --type Q8_0
+    python checkpoint.py --run runs/default --out pruned-hf --uniform
 """
+import argparse
 import json
 import math
 import os
 import shutil
 import struct
+import sys
 import uuid
 from pathlib import Path
 
@@ -20,8 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import hub
-from model import ModelConfig, build, mask_shapes
-from tokenizer import load_tokenizer
+from model import ModelConfig, build, mask_shapes, pad_model, slice_model
+from tokenizer import gguf_tokenizer, hf_tokenizer_files, load_tokenizer
 
 
 class LoadError(Exception):
@@ -135,27 +142,75 @@ def dequantize(raw, kind, n):
     return (d * q + m).reshape(-1)
 
 
+def quantize(x, kind):
+    """x float32 [rows, n] -> the bytes ggml stores (its reference quantizers, quantize_row_*_ref); blocks of 32
+    along each row for Q8_0 (d = max|x| / 127) and Q4_0 (d = the largest-magnitude value / -8)."""
+    if kind == "F32":
+        return x.astype(np.float32).tobytes()
+    if kind in ("F16", "BF16"):  # round to nearest even, as ggml does
+        return torch.from_numpy(x).to(torch.float16 if kind == "F16" else torch.bfloat16).view(torch.int16).numpy().tobytes()
+    b = x.reshape(-1, 32).astype(np.float32)
+    inv = lambda d: np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
+    if kind == "Q8_0":
+        d = np.abs(b).max(1, keepdims=True) / 127
+        v = b * inv(d)
+        q = (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int8)  # C's roundf: half away from zero
+        return np.concatenate([d.astype(np.float16).view(np.uint8), q.view(np.uint8)], 1).tobytes()
+    if kind == "Q4_0":
+        d = b[np.arange(len(b)), np.abs(b).argmax(1)][:, None] / -8
+        q = np.minimum(15, np.trunc(b * inv(d) + 8.5)).astype(np.uint8)
+        return np.concatenate([d.astype(np.float16).view(np.uint8), q[:, :16] | (q[:, 16:] << 4)], 1).tobytes()
+    raise ValueError(f"GGUF type {kind}: choose from F32, F16, BF16, Q8_0, Q4_0")
+
+
+GGML_ID = {name: t for t, (name, _, _) in GGML_TYPES.items()}
+FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32}  # general.file_type, llama.cpp's ftype
+
+
+def gguf_value(v):
+    """One metadata value with its type tag, in the types llama.cpp asks for: str, bool, int -> uint32,
+    float -> float32; lists of str, float32 or int32."""
+    if isinstance(v, str):
+        b = v.encode()
+        return struct.pack("<IQ", GGUF_STRING, len(b)) + b
+    if isinstance(v, bool):
+        return struct.pack("<I?", 7, v)
+    if isinstance(v, int):
+        return struct.pack("<II", 4, v) if 0 <= v < 2 ** 32 else struct.pack("<Iq", 11, v)
+    if isinstance(v, float):
+        return struct.pack("<If", 6, v)
+    if v and isinstance(v[0], str):
+        return struct.pack("<IIQ", GGUF_ARRAY, GGUF_STRING, len(v)) + b"".join(gguf_value(x)[4:] for x in v)
+    kind, dt = (6, "<f4") if any(isinstance(x, float) for x in v) else (5, "<i4")
+    return struct.pack("<IIQ", GGUF_ARRAY, kind, len(v)) + np.asarray(v, dt).tobytes()
+
+
+def write_gguf(path, meta, tensors):
+    """meta {key: value}; tensors [(name, shape in PyTorch order, ggml type name, raw bytes or a function that
+    returns them)]. The data is made and written one tensor at a time into path + ".part", renamed when complete."""
+    head = [b"GGUF", struct.pack("<IQQ", 3, len(tensors), len(meta))]
+    for k, v in meta.items():
+        head += [struct.pack("<Q", len(k.encode())), k.encode(), gguf_value(v)]
+    offset = 0
+    for name, shape, kind, raw in tensors:
+        dims = struct.pack(f"<{len(shape)}Q", *shape[::-1])  # GGUF lists the fastest dim first
+        head += [struct.pack("<Q", len(name.encode())), name.encode(), struct.pack("<I", len(shape)), dims,
+                 struct.pack("<IQ", GGML_ID[kind], offset)]
+        _, block, nbytes = GGML_TYPES[GGML_ID[kind]]
+        offset += -(-math.prod(shape) // block * nbytes // 32) * 32
+    head = b"".join(head)
+    with open(str(path) + ".part", "wb") as f:
+        f.write(head + b"\0" * (-len(head) % 32))
+        for _, _, _, raw in tensors:
+            f.write(raw() if callable(raw) else raw)
+            f.write(b"\0" * (-f.tell() % 32))
+    os.replace(str(path) + ".part", path)
+
+
 def write_gguf_metadata(path, meta):
     """A GGUF file with metadata and no tensors (how llama.cpp ships bare vocabularies)."""
-    def value(v):
-        if isinstance(v, str):
-            b = v.encode()
-            return struct.pack("<IQ", GGUF_STRING, len(b)) + b
-        if isinstance(v, bool):
-            return struct.pack("<I?", 7, v)
-        if isinstance(v, int):
-            return struct.pack("<Iq", 11, v)
-        if isinstance(v, float):
-            return struct.pack("<Id", 12, v)
-        items = [value(x) for x in v]  # a list: element type from the first element's tag, then bare values
-        etype = struct.unpack_from("<I", items[0])[0] if items else 11
-        return struct.pack("<IIQ", GGUF_ARRAY, etype, len(v)) + b"".join(x[4:] for x in items)
-    out = [b"GGUF", struct.pack("<IQQ", 3, 0, len(meta))]
-    for k, v in meta.items():
-        kb = k.encode()
-        out += [struct.pack("<Q", len(kb)), kb, value(v)]
-    with open(path, "wb") as f:
-        f.write(b"".join(out))
+    write_gguf(path, meta, [])
+
 
 # ----------------------------------------------------------------------------------------------------
 # Hugging Face and Meta folders, and `load` for any of the three
@@ -262,19 +317,28 @@ def read_meta(path):
 
 
 def read_gguf_model(path):
+    """A `llama` GGUF, or a `deci` one (per-layer head, kv-head and FFN counts: how save_gguf writes pruned models)."""
     meta, tensors = read_gguf(path)
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported (llama)")
-    g = lambda k, d=None: meta.get(f"llama.{k}", d)
-    n_heads = g("attention.head_count")
+    if arch not in ("llama", "deci"):
+        raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported (llama, deci)")
+    g = lambda k, d=None: meta.get(f"{arch}.{k}", d)
+    n_layers, dim = g("block_count"), g("embedding_length")
+    per_layer = lambda v: v if isinstance(v, list) else [v] * n_layers
+    heads, ffn = per_layer(g("attention.head_count")), per_layer(g("feed_forward_length"))
+    kv = per_layer(g("attention.head_count_kv", g("attention.head_count")))
     state = {rename(k, GGUF_NAMES): torch.from_numpy(v) for k, v in tensors.items()}
-    config = ModelConfig(dim=g("embedding_length"), n_layers=g("block_count"), n_heads=n_heads,
-                         n_kv_heads=g("attention.head_count_kv", n_heads),
-                         head_dim=g("rope.dimension_count", g("embedding_length") // n_heads),
-                         ffn_dim=g("feed_forward_length"), vocab_size=state["tok_embeddings.weight"].shape[0],
+    config = ModelConfig(dim=dim, n_layers=n_layers, n_heads=max(heads), n_kv_heads=max(1, max(kv)),
+                         head_dim=g("attention.key_length", g("rope.dimension_count", dim // max(1, heads[0]))),
+                         ffn_dim=max(ffn), vocab_size=state["tok_embeddings.weight"].shape[0],
                          norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=g("rope.freq_base", 10000.0),
-                         tie_embeddings="output.weight" not in state, max_seq_len=min(g("context_length", 2048), 8192))
+                         tie_embeddings="output.weight" not in state, max_seq_len=min(g("context_length", 2048), 8192),
+                         kv_of_head=[[h // (n // k) for h in range(n)] if n else [] for n, k in zip(heads, kv)],
+                         ffn_dims=list(ffn))
+    for i, (n, f) in enumerate(zip(heads, ffn)):  # our model keeps both norms of a layer, used or not
+        for norm, used in (("attention_norm", n), ("ffn_norm", f)):
+            if not used:
+                state.setdefault(f"layers.{i}.{norm}.weight", torch.ones(dim))
     return config, state, meta
 
 
@@ -360,14 +424,73 @@ def save(model, tokenizer, folder):
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_config(model.config), f, indent=1)
     src = getattr(tokenizer, "source", None)
-    if isinstance(src, dict):  # the tokenizer lived in a GGUF's metadata: keep just that metadata
-        meta = {k: v for k, v in src.items() if k.startswith("tokenizer.")}
-        write_gguf_metadata(os.path.join(folder, "tokenizer.gguf"), meta)
+    if isinstance(src, dict):  # the tokenizer lived in a GGUF's metadata: keep just that metadata (what we load)
+        write_gguf_metadata(os.path.join(folder, "tokenizer.gguf"), gguf_tokenizer(tokenizer))
+        if tokenizer.kind == "bpe":  # and the same vocabulary as Hugging Face files, for AutoTokenizer
+            for name, content in hf_tokenizer_files(tokenizer).items():
+                with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+                    json.dump(content, f, ensure_ascii=False, indent=1)
     elif src is not None:
         src_dir = src if os.path.isdir(src) else os.path.dirname(src)
         for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
             if os.path.exists(os.path.join(src_dir, name)) and os.path.abspath(src_dir) != os.path.abspath(folder):
                 shutil.copy(os.path.join(src_dir, name), folder)
+
+
+GGUF_OUT = {v: k for k, v in GGUF_NAMES.items()}
+
+
+def half_to_interleaved(w, n_heads):
+    """The inverse of interleaved_to_half: our rotate-half q/k rows in llama.cpp's interleaved layout."""
+    out_dim, in_dim = w.shape
+    return w.reshape(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def save_gguf(model, tokenizer, path, qtype="F16"):
+    """Writes a .gguf file llama.cpp runs: an intact model as architecture `llama`; a pruned one as `deci`
+    (written for NVIDIA's pruned Nemotron models), whose per-layer arrays give each layer its own head, kv-head
+    and FFN counts. Norms stay F32. Q8_0 and Q4_0 quantize rows in blocks of 32, so the model is first padded
+    with zero units to multiples of 32 (model.pad_model: exact)."""
+    qtype = qtype.upper()
+    if qtype not in FILE_TYPE:
+        raise ValueError(f"GGUF type {qtype}: choose from {', '.join(FILE_TYPE)}")
+    check_finite(model.state_dict(), path)
+    m = pad_model(model, 32 if qtype in ("Q8_0", "Q4_0") else 1)  # also puts every layer in the fixed GQA layout
+    c, sd, hd = m.config, dict(m.state_dict()), m.config.head_dim
+    heads, ffn = [len(k) for k in c.kv_of_head], list(c.ffn_dims)
+    kv = [max(k) + 1 if k else 0 for k in c.kv_of_head]
+    zeros = lambda *shape: torch.zeros(shape)
+    # Two llama.cpp rules a pruned model can break, met with zero units (exact): the head size is read from
+    # layer 0, so it needs a head; and deci.cpp skips a layer with no FFN whole, its attention included.
+    if not heads[0]:
+        heads[0] = kv[0] = 1
+        sd.update({f"layers.0.attention.{w}.weight": zeros(hd, c.dim) for w in ("wq", "wk", "wv")})
+        sd["layers.0.attention.wo.weight"] = zeros(c.dim, hd)
+    for i in range(c.n_layers):
+        if heads[i] and not ffn[i]:
+            ffn[i] = 32
+            sd.update({f"layers.{i}.feed_forward.{w}.weight": zeros(32, c.dim) for w in ("w1", "w3")})
+            sd[f"layers.{i}.feed_forward.w2.weight"] = zeros(c.dim, 32)
+    uniform = len({*heads}) == len({*kv}) == len({*ffn}) == 1 and heads[0] and ffn[0]
+    a = "llama" if uniform else "deci"
+    per_layer = (lambda v: v[0]) if uniform else list
+    meta = {"general.architecture": a, "general.name": Path(path).stem, "general.file_type": FILE_TYPE[qtype],
+            f"{a}.vocab_size": c.vocab_size, f"{a}.context_length": c.max_seq_len, f"{a}.embedding_length": c.dim,
+            f"{a}.block_count": c.n_layers, f"{a}.feed_forward_length": per_layer(ffn),
+            f"{a}.attention.head_count": per_layer(heads), f"{a}.attention.head_count_kv": per_layer(kv),
+            f"{a}.attention.key_length": hd, f"{a}.attention.value_length": hd, f"{a}.rope.dimension_count": hd,
+            f"{a}.rope.freq_base": float(c.rope_theta), f"{a}.attention.layer_norm_rms_epsilon": float(c.norm_eps),
+            **gguf_tokenizer(tokenizer, c.vocab_size)}
+    tensors = []
+    for key, w in sd.items():
+        i = int(key.split(".")[1]) if key.startswith("layers.") else None
+        if i is not None and (("attention" in key and not heads[i]) or ("ffn_norm" in key or "feed_forward" in key) and not ffn[i]):
+            continue  # llama.cpp makes no tensors for a layer's missing attention or FFN
+        if key.endswith(("wq.weight", "wk.weight")):
+            w = half_to_interleaved(w, w.shape[0] // hd)
+        kind = "F32" if w.dim() == 1 else qtype if qtype in ("F32", "F16", "BF16") or w.shape[1] % 32 == 0 else "F16"
+        tensors.append((rename(key, GGUF_OUT), list(w.shape), kind, lambda w=w, kind=kind: quantize(w.float().numpy(), kind)))
+    write_gguf(path, meta, tensors)
 
 
 def load_adapter(run, model):
@@ -410,6 +533,18 @@ def save_adapter(adapter, run):
     check_finite(tensors, os.path.join(run, "adapter.safetensors"))
     save_file(tensors, os.path.join(run, "adapter.safetensors.tmp"))
     os.replace(os.path.join(run, "adapter.safetensors.tmp"), os.path.join(run, "adapter.safetensors"))
+
+
+def run_base(run):
+    """-> the base checkpoint a nute.py run pruned (its settings.json), None if the run has no settings."""
+    settings = os.path.join(run, "settings.json")
+    if not os.path.exists(settings):
+        return None
+    try:
+        with open(settings) as f:
+            return json.load(f).get("ckpt")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise ValueError(f"{settings}: corrupt (pass the base checkpoint with --ckpt)") from None
 
 
 def check_finite(tensors, where):
@@ -492,3 +627,44 @@ def load_run_state(out, run_id, device, trim_log=True):
     tmp.write_text("".join(r + "\n" for r in keep))
     os.replace(tmp, log)
     return state
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line: any checkpoint, or the pruned model of a nute.py run, written for another runtime
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Write a checkpoint, or the pruned model of a nute.py run, as a GGUF "
+                                "file for llama.cpp (--out NAME.gguf) or a Hugging Face folder (--out FOLDER).")
+    p.add_argument("--ckpt", help="the base checkpoint (default: the run's)")
+    p.add_argument("--run", help="a finished nute.py run: its masks and LoRA are cut into the weights (model.slice_model)")
+    p.add_argument("--out", required=True, help="NAME.gguf, or a folder for model.safetensors + config.json + tokenizer")
+    p.add_argument("--type", default="F16", help="GGUF tensor type: F32, F16, BF16, Q8_0 or Q4_0 (norms stay F32)")
+    p.add_argument("--uniform", action="store_true", help="Hugging Face folder: pad every layer to the same sizes "
+                   "with zero units (exact), so that AutoModelForCausalLM, vLLM and TGI load it")
+    args = p.parse_args(argv)
+    gguf = args.out.endswith(".gguf")
+    if gguf and args.type.upper() not in FILE_TYPE or args.uniform and gguf:
+        raise ValueError(f"--type is one of {', '.join(FILE_TYPE)}; --uniform is for a Hugging Face folder")
+    if args.run and not os.path.isfile(os.path.join(args.run, "adapter.safetensors")):
+        raise ValueError(f"--run {args.run}: no adapter.safetensors there (not a finished nute.py run)")
+    ckpt = args.ckpt or (run_base(args.run) if args.run else None)
+    if ckpt is None:
+        raise ValueError("--ckpt: which checkpoint? (a run's settings.json names it when --run is given)")
+    model, tok = load(ckpt)
+    if args.run:
+        model = slice_model(model, load_adapter(args.run, model))
+    if gguf:
+        save_gguf(model, tok, args.out, args.type)
+    else:
+        save(pad_model(model, uniform=True) if args.uniform else model, tok, args.out)
+    c = model.config
+    print(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()):,} parameters, hidden dim {c.dim}, heads "
+          f"{[len(k) for k in c.kv_of_head]}, FFN widths {c.ffn_dims}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (LoadError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

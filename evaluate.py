@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import data
 import hub
-from checkpoint import LoadError, check_device, load, load_adapter
+from checkpoint import LoadError, check_device, load, load_adapter, run_base
 from model import decode_one_token, generate, mask_sparsity, prefill
 
 TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
@@ -367,13 +367,8 @@ def get_args(argv=None):
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise ValueError(f"--out {args.out}: its folder does not exist")
     check_device(args.device)
-    settings = os.path.join(args.run or "", "settings.json")
-    if args.ckpt is None and args.run and os.path.exists(settings):
-        try:
-            with open(settings) as f:
-                args.ckpt = json.load(f).get("ckpt")  # the base checkpoint nute.py pruned
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            raise ValueError(f"{settings}: corrupt (pass the base checkpoint with --ckpt)") from None
+    if args.ckpt is None and args.run:
+        args.ckpt = run_base(args.run)
     if args.ckpt is None:
         args.ckpt = str(data.default_model_path())
         if not data.ready():

@@ -273,3 +273,76 @@ def load_tokenizer(src):
     if p.suffix == ".gguf":
         raise ValueError(f"{p}: pass a GGUF's metadata (checkpoint.read_gguf(path, tensors=False)[0])")
     return tokenizer_from_sentencepiece(p)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing a vocabulary for other runtimes: GGUF metadata for llama.cpp, tokenizer.json for Hugging Face
+
+def merges_in_order(tok):
+    return [" ".join(pair) for pair in sorted(tok.ranks, key=tok.ranks.get)]
+
+
+def pre_tokenizer_name(tok):
+    """llama.cpp's name (tokenizer.ggml.pre) for a byte-level BPE tokenizer's pre-tokenizer patterns."""
+    patterns = [p.pattern for p in tok.patterns]
+    names = {"smollm": PRE_TOKENIZERS["smollm"], "llama-bpe": [LLAMA3_SPLIT], "gpt-2": [GPT2_SPLIT]}
+    for name, known in names.items():
+        if patterns == known:
+            return name
+    raise ValueError(f"pre-tokenizer patterns {patterns} have no llama.cpp name ({', '.join(names)})")
+
+
+def gguf_tokenizer(tok, vocab_size=None):
+    """-> the tokenizer.* metadata of a GGUF file. A GGUF source's is carried over as it was; a tokenizer.json
+    or tokenizer.model is written the way llama.cpp's convert_hf_to_gguf.py writes it. Ids the embedding has
+    beyond the vocabulary get unused [PAD{i}] tokens, as there."""
+    src = getattr(tok, "source", None)
+    if isinstance(src, dict):
+        meta = {k: v for k, v in src.items() if k.startswith("tokenizer.")}
+    elif tok.kind == "bpe":
+        meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre_tokenizer_name(tok),
+                "tokenizer.ggml.tokens": list(tok.tokens),
+                "tokenizer.ggml.token_type": [CONTROL if t in tok.specials else 1 for t in tok.tokens],
+                "tokenizer.ggml.merges": merges_in_order(tok), "tokenizer.ggml.add_bos_token": bool(tok.add_bos)}
+    else:  # a SentencePiece model: its pieces, scores and piece types
+        sp, n = tok.sp, tok.vocab_size
+        kind = lambda i: 2 if sp.is_unknown(i) else CONTROL if sp.is_control(i) else BYTE if sp.is_byte(i) else 5 if sp.is_unused(i) else 1
+        meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": list(tok.tokens),
+                "tokenizer.ggml.scores": [float(sp.get_score(i)) for i in range(n)],
+                "tokenizer.ggml.token_type": [kind(i) for i in range(n)], "tokenizer.ggml.add_bos_token": True,
+                "tokenizer.ggml.unknown_token_id": sp.unk_id()}
+    for key, i in (("bos", tok.bos_id), ("eos", tok.eos_id)):
+        if i is not None and i >= 0 and not isinstance(src, dict):
+            meta[f"tokenizer.ggml.{key}_token_id"] = i
+    extra = (vocab_size or 0) - len(meta["tokenizer.ggml.tokens"])
+    if extra > 0:
+        meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"] + [f"[PAD{i}]" for i in range(extra)]
+        meta["tokenizer.ggml.token_type"] = list(meta.get("tokenizer.ggml.token_type", [])) + [5] * extra
+        if "tokenizer.ggml.scores" in meta:
+            meta["tokenizer.ggml.scores"] = list(meta["tokenizer.ggml.scores"]) + [-1e9] * extra
+    return meta
+
+
+def hf_tokenizer_files(tok):
+    """-> {file name: JSON} for a byte-level BPE vocabulary: a tokenizer.json and tokenizer_config.json that
+    Hugging Face's AutoTokenizer loads and that give our ids (each pre-tokenizer pattern an isolated Split, then
+    the byte-level map without its own regex)."""
+    if tok.kind != "bpe":
+        raise ValueError("a tokenizer.json is written for byte-level BPE vocabularies only")
+    split = lambda p: {"type": "Split", "pattern": {"Regex": p.pattern}, "behavior": "Isolated", "invert": False}
+    name = lambda i: None if i is None else tok.tokens[i]
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for t, i in sorted(tok.specials.items(), key=lambda x: x[1])]
+    tokenizer_json = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split(p) for p in tok.patterns] + [
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": tok.ignore_merges, "vocab": {t: i for i, t in enumerate(tok.tokens)},
+                  "merges": merges_in_order(tok)}}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": bool(tok.add_bos),
+              "bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id), "clean_up_tokenization_spaces": False}
+    return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": config}

@@ -11,10 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 import checkpoint as C
+import model as M
+import tokenizer as tokenizer_module
 from checkpoint import LoadError
 from helpers import (ARR, BOOL, F32_, F64_, GGUF_TOKENS, I8, I16, I32, I64, STR, TO_HF, U8, U16, U32, U64, close,
-                     external_name, gguf_bytes, gguf_config, hf_config_dict, make_model, quantize, tiny_config,
-                     to_interleaved_state, tokens_for, write_gguf, write_hf, write_meta)
+                     external_name, gguf_bytes, gguf_config, gguf_tokenizer_kvs, hf_config_dict, make_model, make_tiny,
+                     quantize, tiny_config, to_interleaved_state, tokens_for, write_gguf, write_hf, write_meta)
 
 UNEVEN = dict(n_layers=4, kv_of_head=[[0, 0, 1], [], [0], [0, 1, 1, 1]], ffn_dims=[24, 0, 7, 0])
 
@@ -358,3 +360,119 @@ def test_load_gguf_with_its_tokenizer(tmp_path):
         C.load(str(small))
 
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing GGUF for llama.cpp: ggml's quantizers, and files our reader (and llama.cpp) loads back
+
+def gguf_tokenizer_of(n_tokens=None):
+    """A Tokenizer whose source is GGUF metadata (as checkpoint.load makes it), from helpers' small vocabulary."""
+    meta = {k: (v[1] if t == ARR else v) for k, t, v in gguf_tokenizer_kvs(n_tokens)}
+    tok = tokenizer_module.load_tokenizer(meta)
+    tok.source = meta
+    return tok
+
+
+def test_quantize_matches_ggml_reference():
+    x = np.random.default_rng(4).standard_normal((6, 96)).astype(np.float32)
+    x[0, :32] = 0  # an all-zero block: scale 0, no division by zero
+    for kind in ("F32", "F16", "Q8_0", "Q4_0"):
+        assert C.quantize(x, kind) == quantize(x, kind)[0], kind
+    u = x.view(np.uint32).astype(np.uint64)  # bf16: round to nearest even, like ggml_fp32_to_bf16
+    want = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    assert C.quantize(x, "BF16") == want.tobytes()
+    with pytest.raises(ValueError):
+        C.quantize(x, "Q5_K")
+
+
+def test_gguf_metadata_types_are_what_llama_cpp_asks_for(tmp_path):
+    meta = {"a.u32": 7, "a.f32": 0.5, "a.str": "x", "a.bool": True, "a.i32s": [1, -2], "a.f32s": [0.5, 1],
+            "a.strs": ["p", "q"], "a.big": -5}
+    C.write_gguf(tmp_path / "m.gguf", meta, [])
+    buf = (tmp_path / "m.gguf").read_bytes()
+    tags, pos = {}, 24  # after magic, version, tensor count, key count
+    for _ in meta:
+        n = struct.unpack_from("<Q", buf, pos)[0]
+        key = buf[pos + 8:pos + 8 + n].decode()
+        t = struct.unpack_from("<I", buf, pos + 8 + n)[0]
+        tags[key] = (t, struct.unpack_from("<I", buf, pos + 12 + n)[0]) if t == 9 else t
+        pos = pos + 12 + n + len(C.gguf_value(meta[key])) - 4
+    assert tags == {"a.u32": U32, "a.f32": F32_, "a.str": STR, "a.bool": BOOL, "a.i32s": (ARR, I32),
+                    "a.f32s": (ARR, F32_), "a.strs": (ARR, STR), "a.big": I64}
+    assert C.read_gguf(str(tmp_path / "m.gguf"))[0] == meta
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_gguf_intact_model_is_llama(tmp_path, kind, tied):
+    """Our writer against helpers' independent one: the same bytes decode to the same weights, so the loaded
+    model equals helpers' decoded copy exactly."""
+    config = gguf_config(tie_embeddings=tied)
+    m, tok = make_model(config, dtype=torch.float32), tokens_for(config)
+    path = tmp_path / "m.gguf"
+    C.save_gguf(m, gguf_tokenizer_of(), path, kind)
+    expected = write_gguf(str(tmp_path / "ref.gguf"), m, kind)
+    meta, _ = C.read_gguf(str(path), tensors=False)
+    assert meta["general.architecture"] == "llama" and meta["llama.attention.head_count"] == config.n_heads
+    assert meta["tokenizer.ggml.tokens"] == GGUF_TOKENS
+    loaded, _ = C.load(str(path))
+    assert_loaded(loaded, expected, tok)
+
+
+def pruned_tiny(config):
+    """A model pruned unevenly: layer 0 loses every head, layer 1 its FFN, layer 2 both, layer 3 half a kv group;
+    7 hidden dims go. -> (the intact model, the sliced one)."""
+    m = make_model(config, dtype=torch.float32)
+    z = {k: torch.ones(s) for k, s in M.mask_shapes(config).items()}
+    z["z_head"][0] = 0
+    z["z_int"][1] = 0
+    z["z_head"][2], z["z_int"][2] = 0, 0
+    z["z_head"][3, [0, 3]] = 0
+    z["z_int"][3, 5:20] = 0
+    z["z_hid"][[0, 9, 17, 30, 41, 50, 63]] = 0
+    return m, M.slice_model(m, z)
+
+
+@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
+def test_save_gguf_pruned_model_is_deci(tmp_path, kind):
+    config = gguf_config(n_layers=4)
+    _, small = pruned_tiny(config)
+    tok = tokens_for(config)
+    path = tmp_path / "p.gguf"
+    C.save_gguf(small, gguf_tokenizer_of(), path, kind)
+    meta, tensors = C.read_gguf(str(path))
+    heads, kv, ffn = (meta[f"deci.{k}"] for k in ("attention.head_count", "attention.head_count_kv", "feed_forward_length"))
+    # llama.cpp's rules: layer 0 has a head (zero), a layer with attention has an FFN (zero), fixed GQA groups
+    assert heads[0] == kv[0] == 1 and not tensors["blk.0.attn_q.weight"].any()
+    assert heads[1] > 0 and ffn[1] == 32 and not tensors["blk.1.ffn_up.weight"].any()
+    assert heads[2] == kv[2] == ffn[2] == 0 and not any(k.startswith("blk.2.") for k in tensors)
+    assert all(n % k == 0 for n, k in zip(heads, kv) if k) and meta["general.architecture"] == "deci"
+    dim = meta["deci.embedding_length"]
+    assert dim == (57 if kind == "F32" else 64) and (kind == "F32" or all(f % 32 == 0 for f in ffn))
+    loaded, _ = C.load(str(path))
+    with torch.no_grad():
+        close(loaded(tok), small(tok), 1e-5 if kind == "F32" else 0.05, "GGUF vs sliced")
+
+
+def test_checkpoint_command_line_writes_gguf_and_hf_folders(tmp_path):
+    """python checkpoint.py --run R --out X: a run's pruned model as GGUF and as a uniform HF folder."""
+    folder = make_tiny(tmp_path / "ckpt", n_layers=2)
+    base, _ = C.load(str(folder))
+    run = tmp_path / "run"
+    run.mkdir()
+    z = {k: torch.ones(s) for k, s in M.mask_shapes(base.config).items()}
+    z["z_head"][0, 1], z["z_int"][1, :40], z["z_hid"][:5] = 0, 0, 0
+    C.save_adapter(z, run)
+    (run / "settings.json").write_text(json.dumps({"ckpt": str(folder)}))
+    C.main(["--run", str(run), "--out", str(tmp_path / "p.gguf"), "--type", "F32"])
+    C.main(["--run", str(run), "--out", str(tmp_path / "hf"), "--uniform"])
+    small = M.slice_model(base, z)
+    tok = tokens_for(base.config)
+    for out in ("p.gguf", "hf"):
+        loaded, _ = C.load(str(tmp_path / out))
+        with torch.no_grad():
+            close(loaded(tok), small(tok), 1e-5, out)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["num_attention_heads"] == 4 and cfg["intermediate_size"] == 96 and cfg["hidden_size"] == 43
+    with pytest.raises(ValueError):
+        C.main(["--run", str(run), "--out", str(tmp_path / "x.gguf"), "--type", "Q5_K"])

@@ -102,6 +102,34 @@ def test_hf_tokenizer_json_llama3(vocab_meta, tmp_path):
         assert tok.encode(text) == want, repr(text)
 
 
+def write_hf_files(tok, folder):
+    for name, content in tokenizer.hf_tokenizer_files(tok).items():
+        (folder / name).write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("name", ["smollm2", "ggml-vocab-llama-bpe.gguf"])
+def test_written_vocabularies_give_the_reference_ids(vocab_meta, name, tmp_path):
+    """A GGUF vocabulary written as tokenizer.json (for Hugging Face), read back, and written again as GGUF
+    metadata (for llama.cpp): both give llama.cpp's reference ids."""
+    meta = vocab_meta(name)
+    from_json = tokenizer.load_tokenizer(write_hf_files(tokenizer.load_tokenizer(meta), tmp_path) / "tokenizer.json")
+    written = tokenizer.gguf_tokenizer(from_json)
+    for key in ("tokens", "merges", "pre", "bos_token_id", "eos_token_id"):
+        assert written[f"tokenizer.ggml.{key}"] == meta[f"tokenizer.ggml.{key}"], key
+    from_gguf = tokenizer.load_tokenizer(written)
+    for text, want in reference_cases(name):
+        assert from_json.encode(text) == from_gguf.encode(text) == want, repr(text)
+
+
+@pytest.mark.parametrize("name", ["smollm2", "ggml-vocab-llama-bpe.gguf"])
+def test_autotokenizer_loads_the_written_vocabulary(vocab_meta, name, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (optional peer)")
+    hf = transformers.AutoTokenizer.from_pretrained(write_hf_files(tokenizer.load_tokenizer(vocab_meta(name)), tmp_path))
+    for text, want in reference_cases(name):
+        assert hf.encode(text, add_special_tokens=False) == want, repr(text)
+
+
 def test_sentencepiece_model(tmp_path):
     """A tokenizer.model runs through the sentencepiece library; our own llama.cpp-style SPM
     algorithm, given the same pieces and scores, must produce the same ids."""
@@ -119,9 +147,11 @@ def test_sentencepiece_model(tmp_path):
     ours = tokenizer.Tokenizer("spm", tok.tokens, ["<s>", "</s>"], 1, 2,
                           scores=[sp.get_score(i) for i in range(sp.get_piece_size())],
                           byte_ids=[i for i in range(sp.get_piece_size()) if sp.is_byte(i)])
+    from_gguf = tokenizer.load_tokenizer(tokenizer.gguf_tokenizer(tok, vocab_size=402))  # what save_gguf writes
+    assert from_gguf.tokens[400:] == ["[PAD0]", "[PAD1]"] and from_gguf.bos_id == 1
     for text in ["Hello world", " Hello  world 42", "the lazy dog jumped", "naïve ½ 🦙\n\tx", ""]:
         ids = tok.encode(text)
-        assert ids == sp.encode(text) == ours.encode(text), repr(text)
+        assert ids == sp.encode(text) == ours.encode(text) == from_gguf.encode(text), repr(text)
         assert tok.decode(ids) == ours.decode(ids) == text
 
 
