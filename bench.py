@@ -6,6 +6,7 @@
     python bench.py eval      # zero-shot scoring: batched (shared contexts) vs one request per forward
     python bench.py layers --run runs/x   # the layer loss (Eq. 6) per layer, plain and --layer-norm teacher
     python bench.py plan      # memory (and CPU time) of the paper's step for LLaMA-7B / 13B / 70B shapes
+    python bench.py llama-cpp --run runs/a --run runs/b   # dense vs pruned GGUF in the real llama.cpp
 """
 import argparse
 import json
@@ -159,6 +160,51 @@ def bench_export(args):
                   f"{speed:.2f}x | {limit:.2f}x | {speed / limit:.0%} |")
 
 
+def bench_llama_cpp(args):
+    """The paper's speed-up measured in a real engine: the dense model and the pruned ones written by save_gguf in
+    the same tensor type, prefill and decode in llama.cpp (llama-cpp-python), interleaved rounds, medians."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        sys.exit("llama-cpp-python is not installed; README, 'Run your pruned model', has the line that builds it")
+    import tempfile
+    dense, tok = load(args.ckpt)
+    models = {"dense": dense}
+    for run in args.run or []:
+        models[os.path.basename(os.path.normpath(run))] = model.slice_model(dense, checkpoint.load_adapter(run, dense))
+    if not args.run:  # timing only: the first heads and FFN units of every layer
+        models.update({f"{t:.0%} pruned": model.slice_model(dense, structured_masks(dense.config, t)) for t in (0.2, 0.5)})
+    prompt = torch.randint(1000, 20000, (64 + 192,), generator=torch.Generator().manual_seed(0)).tolist()
+    threads = torch.get_num_threads()
+    print(f"llama.cpp (llama-cpp-python), {threads} threads, prompt 64 tokens, then 192 decoded one at a time\n")
+    print("| type | model | parameters | file MB | prefill tokens/s | decode tokens/s | decode speed-up | prefill speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for qtype in args.types.split(","):
+            llms, times = {}, {}
+            for name, m in models.items():
+                path = os.path.join(tmp, f"{name}.{qtype}.gguf".replace(" ", "-").replace("%", ""))
+                checkpoint.save_gguf(m, tok, path, qtype)
+                llms[name] = (Llama(path, n_ctx=512, n_threads=threads, n_batch=64, verbose=False), os.path.getsize(path))
+                times[name] = []
+            for _ in range(args.rounds):
+                for name, (llm, _) in llms.items():
+                    llm.reset()
+                    t0 = time.perf_counter()
+                    llm.eval(prompt[:64])
+                    t1 = time.perf_counter()
+                    for t in prompt[64:]:
+                        llm.eval([t])
+                    times[name].append((64 / (t1 - t0), 192 / (time.perf_counter() - t1)))
+            base = None
+            for name, (llm, size) in llms.items():
+                pre, dec = (statistics.median(x[i] for x in times[name]) for i in (0, 1))
+                base = base or (pre, dec)
+                print(f"| {qtype} | {name} | {sum(p.numel() for p in models[name].parameters()) / 1e6:.1f}M | "
+                      f"{size / 1e6:.0f} | {pre:.0f} | {dec:.1f} | {dec / base[1]:.2f}x | {pre / base[0]:.2f}x |")
+            del llms
+
+
 def bench_eval(args):
     docs = evaluate.read_task("arc_easy", 40)  # the first 40 ARC-Easy test questions, 4 choices each
     print("| dtype | batched examples/s | one request per forward, examples/s | speed-up |")
@@ -176,12 +222,13 @@ def bench_layers(args):
     """What each layer adds to Eq. 6 for one batch of held-out text: the intact model teaches a run's masks
     (or, without --run, the first heads and units of every layer at 50%)."""
     m, tok = load(args.ckpt, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    student = checkpoint.load_adapter(args.run, m) if args.run else structured_masks(m.config, 0.5)
+    run = args.run[0] if args.run else None
+    student = checkpoint.load_adapter(run, m) if run else structured_masks(m.config, 0.5)
     x = data.pack(data.default_texts()[1], tok, 128)[:4]  # 4 x 128 held-out Wikipedia tokens
     with torch.no_grad():
         (logits_s, hs), (logits_t, ht) = m(x, student, return_hidden=True), m(x, return_hidden=True)
     kept = student["z_hid"] > 0
-    print(f"{'the intact model teaching ' + (args.run or 'structured 50% masks')}, 4 x 128 held-out tokens, {args.dtype}")
+    print(f"{'the intact model teaching ' + (run or 'structured 50% masks')}, 4 x 128 held-out tokens, {args.dtype}")
     print("| state | teacher mean square | MSE | MSE / teacher mean square |\n|---|---|---|---|")
     total = [0.0, 0.0]
     for i, (a, b) in enumerate(zip(hs, ht)):
@@ -272,12 +319,14 @@ def bench_plan(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["model", "train", "export", "eval", "layers", "plan"])
+    p.add_argument("what", choices=["model", "train", "export", "eval", "layers", "plan", "llama-cpp"])
     p.add_argument("--ckpt", default=str(data.default_model_path()))
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--steps", type=int, default=5, help="train: timed steps per configuration")
-    p.add_argument("--rounds", type=int, default=7, help="export: interleaved timing rounds per model")
-    p.add_argument("--run", help="layers: a nute.py run whose masks the student uses")
+    p.add_argument("--rounds", type=int, default=7, help="export, llama-cpp: interleaved timing rounds per model")
+    p.add_argument("--run", action="append", help="layers: a nute.py run whose masks the student uses; llama-cpp: "
+                   "pruned runs to time against the dense model (repeatable; default: first units kept, 20% and 50%)")
+    p.add_argument("--types", default="Q8_0,F16", help="llama-cpp: GGUF tensor types to compare in")
     p.add_argument("--shapes", default=",".join(SHAPES), help="plan: which of " + ", ".join(SHAPES))
     p.add_argument("--no-time", dest="time", action="store_false", help="plan: memory only (the first shape is "
                    "timed, the others scaled by their weights per layer)")
@@ -296,6 +345,8 @@ def main():
         bench_layers(args)
     elif args.what == "plan":
         bench_plan(args)
+    elif args.what == "llama-cpp":
+        bench_llama_cpp(args)
     else:
         bench_eval(args)
 

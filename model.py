@@ -410,7 +410,7 @@ def pad_model(model, multiple=1, uniform=False):
     """-> a model that computes exactly what `model` computes, in shapes other runtimes take: every layer's
     attention in the fixed GQA layout (`regroup`), the hidden dim and FFN widths rounded up to `multiple`
     (GGUF's 32-element blocks) with zero units, and with `uniform` every layer the same size (Hugging Face
-    configs have one size for all layers). Zero units add nothing: a zero FFN unit has silu(0) * 0 = 0, a zero
+    configs have one size for all layers, and a hidden size that the head count divides). Zero units add nothing: a zero FFN unit has silu(0) * 0 = 0, a zero
     head has zero output rows; zero hidden dims stay zero, and the RMSNorms divide by the kept dims only
     (weight * sqrt(d/d'), eps * d/d', as in slice_model)."""
     c, hd = model.config, model.config.head_dim
@@ -418,8 +418,6 @@ def pad_model(model, multiple=1, uniform=False):
     ref = sd["tok_embeddings.weight"]
     zeros = lambda *shape: torch.zeros(shape, dtype=ref.dtype, device=ref.device)
     up = lambda n: -(-n // multiple) * multiple
-    d = up(c.dim)
-    pad_in = lambda w: torch.cat([w, zeros(w.shape[0], d - w.shape[1])], 1)  # new input dims read nothing
     rows = lambda w, idx: torch.cat([w[i * hd:(i + 1) * hd] if i is not None else zeros(hd, w.shape[1]) for i in idx])
 
     def layout(kv_of_head):  # uniform: the model's own group size; else the group that costs fewest projection rows
@@ -431,6 +429,10 @@ def pad_model(model, multiple=1, uniform=False):
     n_kv = max(len(kv) for _, kv in layouts)
     group = c.n_heads // c.n_kv_heads
     ffn = max(up(f) for f in c.ffn_dims)
+    d = up(c.dim)
+    while uniform and d % (group * n_kv):  # transformers also wants the hidden size a multiple of the heads
+        d = up(d + 1)
+    pad_in = lambda w: torch.cat([w, zeros(w.shape[0], d - w.shape[1])], 1)  # new input dims read nothing
     new, kv_of_head, ffn_dims = {}, [], []
     for i, (slots, kv) in enumerate(layouts):
         p = f"layers.{i}."

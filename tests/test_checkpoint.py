@@ -10,13 +10,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import baselines
 import checkpoint as C
 import model as M
 import tokenizer as tokenizer_module
 from checkpoint import LoadError
 from helpers import (ARR, BOOL, F32_, F64_, GGUF_TOKENS, I8, I16, I32, I64, STR, TO_HF, U8, U16, U32, U64, close,
                      external_name, gguf_bytes, gguf_config, gguf_tokenizer_kvs, hf_config_dict, make_model, make_tiny,
-                     quantize, tiny_config, to_interleaved_state, tokens_for, write_gguf, write_hf, write_meta)
+                     quantize, SENTENCE_TEXT, tiny_config, to_interleaved_state, tokens_for, write_gguf, write_hf,
+                     write_meta)
 
 UNEVEN = dict(n_layers=4, kv_of_head=[[0, 0, 1], [], [0], [0, 1, 1, 1]], ffn_dims=[24, 0, 7, 0])
 
@@ -473,6 +475,73 @@ def test_checkpoint_command_line_writes_gguf_and_hf_folders(tmp_path):
         with torch.no_grad():
             close(loaded(tok), small(tok), 1e-5, out)
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert cfg["num_attention_heads"] == 4 and cfg["intermediate_size"] == 96 and cfg["hidden_size"] == 43
+    assert (cfg["num_attention_heads"], cfg["intermediate_size"], cfg["hidden_size"]) == (4, 96, 44)  # 43 -> 4 x 11
     with pytest.raises(ValueError):
         C.main(["--run", str(run), "--out", str(tmp_path / "x.gguf"), "--type", "Q5_K"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The real llama.cpp (llama-cpp-python, an optional peer built from source) runs our GGUF files
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (optional; README: how to build it)")
+
+
+def real_pruned(model, target):
+    """SmolLM2 pruned the magnitude baseline's way plus every 9th hidden dim: uneven heads, kv groups and widths."""
+    if target == 0:
+        return model
+    z = baselines.magnitude_masks(model, target)
+    z["z_hid"][::9] = 0
+    return M.slice_model(model, z)
+
+
+def llama_cpp_logits(llama_cpp, path, ids, new_tokens):
+    """-> (logits of every prompt position [T, vocab], greedy continuation) from llama.cpp."""
+    llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, n_threads=2, verbose=False)
+    llm.eval(ids)
+    logits, out = torch.tensor(np.array(llm.scores[:len(ids)])), []
+    for _ in range(new_tokens):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return logits, out
+
+
+@pytest.mark.parametrize("target", [0, 0.2, 0.5])
+def test_llama_cpp_runs_our_f32_gguf(smollm, llama_cpp, tmp_path, target):
+    model, tok, _ = smollm
+    small, path = real_pruned(model, target), tmp_path / "m.gguf"
+    C.save_gguf(small, tok, path, "F32")
+    ids = tok.encode(SENTENCE_TEXT)
+    theirs, their_text = llama_cpp_logits(llama_cpp, path, ids, 16)
+    with torch.no_grad():
+        close(theirs, small(torch.tensor([ids]))[0], 1e-3, "llama.cpp vs ours")
+    assert their_text == M.generate(small, ids, 16)
+
+
+def test_llama_cpp_runs_our_q8_0_gguf(smollm, llama_cpp, tmp_path):
+    """Q8_0: llama.cpp and our reader decode the same file to the same model (to llama.cpp's Q8 x Q8 products)."""
+    model, tok, _ = smollm
+    path = tmp_path / "m.gguf"
+    C.save_gguf(real_pruned(model, 0.2), tok, path, "Q8_0")
+    ids = tok.encode(SENTENCE_TEXT)
+    theirs, _ = llama_cpp_logits(llama_cpp, path, ids, 0)
+    with torch.no_grad():
+        close(theirs, C.load(str(path))[0](torch.tensor([ids]))[0], 2e-2, "llama.cpp vs ours, Q8_0")
+
+
+@pytest.mark.parametrize("target", [0, 0.2])
+def test_transformers_loads_a_uniform_export(smollm, tmp_path, target):
+    """Hugging Face folders: AutoModelForCausalLM runs a pruned model padded to equal layers, AutoTokenizer
+    gives our ids."""
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (optional peer)")
+    model, tok, _ = smollm
+    small = real_pruned(model, target)
+    C.save(M.pad_model(small, uniform=True), tok, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ids = tok.encode(SENTENCE_TEXT)
+    assert hf_tok.encode(SENTENCE_TEXT, add_special_tokens=False) == ids
+    with torch.no_grad():
+        close(hf(torch.tensor([ids])).logits[0], small(torch.tensor([ids]))[0], 1e-4, "transformers vs ours")
