@@ -158,6 +158,13 @@ class Attention(nn.Module):
         self.kv_cache = None
 
     def forward(self, x, cos, sin, adapter, name, z_head, start_pos):
+        y = self.attend(x, cos, sin, adapter, name, start_pos)  # [B, T, heads, head_dim]
+        if z_head is not None:  # Eq. 1: each head's output scaled by its mask before the output projection
+            y = y * z_head.to(y.dtype)[:, None]
+        return linear(y.flatten(2), self.wo.weight, adapter, name + "wo")
+
+    def attend(self, x, cos, sin, adapter, name, start_pos):
+        """x [B, T, dim] -> every head's output [B, T, heads, head_dim], before the output projection."""
         B, T, _ = x.shape
         q = linear(x, self.wq.weight, adapter, name + "wq").view(B, T, self.n_heads, self.head_dim)
         k = linear(x, self.wk.weight, adapter, name + "wk").view(B, T, self.n_kv, self.head_dim)
@@ -174,10 +181,7 @@ class Attention(nn.Module):
             k, v = k.index_select(2, self.kv_index), v.index_select(2, self.kv_index)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                            is_causal=causal and T > 1, enable_gqa=self.uniform_gqa)
-        y = y.transpose(1, 2)  # [B, T, heads, head_dim]
-        if z_head is not None:  # Eq. 1: each head's output scaled by its mask before the output projection
-            y = y * z_head.to(y.dtype)[:, None]
-        return linear(y.reshape(B, T, -1), self.wo.weight, adapter, name + "wo")
+        return y.transpose(1, 2)
 
 
 class FeedForward(nn.Module):
@@ -189,10 +193,14 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(config.dim, hidden, bias=False)  # up
 
     def forward(self, x, adapter, name, z_int):
-        h = F.silu(linear(x, self.w1.weight, adapter, name + "w1")) * linear(x, self.w3.weight, adapter, name + "w3")
+        h = self.act(x, adapter, name)
         if z_int is not None:  # Eq. 2: mask the intermediate units
             h = h * z_int.to(h.dtype)
         return linear(h, self.w2.weight, adapter, name + "w2")
+
+    def act(self, x, adapter, name):
+        """x [B, T, dim] -> the intermediate units [B, T, hidden], before the down projection."""
+        return F.silu(linear(x, self.w1.weight, adapter, name + "w1")) * linear(x, self.w3.weight, adapter, name + "w3")
 
 
 class Block(nn.Module):
