@@ -31,7 +31,11 @@ ROWS = {  # name in the table -> nute.py flags (NutePrune is the default: PKD, m
     "KD (intact teacher)": ["--distill", "kd"],
     "no KD (next-token loss)": ["--distill", "none"],
     "NutePrune, masks only": ["--masks-only"],
-    "magnitude + LoRA": ["--magnitude", "--distill", "none"],
+    "magnitude + LoRA": ["--method", "magnitude", "--distill", "none"],
+    "Taylor + LoRA": ["--method", "taylor", "--distill", "none"],  # LLM-Pruner
+    "Bonsai + LoRA": ["--method", "bonsai", "--distill", "none"],
+    "Taylor, no recovery": ["--method", "taylor", "--steps", "0"],
+    "Bonsai, no recovery": ["--method", "bonsai", "--steps", "0"],
 }
 
 
@@ -135,7 +139,7 @@ def make_jobs(args):
              for t in args.targets.split(",") for name in rows for seed in seeds]
     if args.at_target:
         jobs += [(name + ", at target", folder + "-at-target", ratio, target, None)
-                 for name, folder, ratio, target, flags in jobs if target is not None and "--magnitude" not in flags]
+                 for name, folder, ratio, target, flags in jobs if target is not None and "--method" not in flags]
     return jobs
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import baselines
@@ -239,6 +240,7 @@ def micro_step(model, x, loss_mask, student, teacher, distill, args):
 
 RUN_ONLY = ("resume", "stop_after", "save_every", "eval", "out", "grad_checkpoint", "rank")  # may differ on --resume
 MAX_SKIPPED = 5  # this many non-finite steps in a row stop the run: it has diverged
+CALIBRATION = 2  # training batches the baselines score units on (LLM-Pruner: 10 sequences)
 
 
 class Diverged(Exception):
@@ -261,17 +263,35 @@ def lora_lr(step, args):
     return args.lr_lora * (1 - step / args.steps)  # linear decay to 0
 
 
-def init_student(args, model, gen):
-    """One of three mask sources: learned (NutePrune), a pruning run's masks (post fine-tuning) or
-    magnitude (the MaP baseline); the last two stay fixed while LoRA trains."""
+def baseline_masks(args, model, batches, out):
+    """--method magnitude / taylor / bonsai: the masks, chosen once before training (calibration: the first
+    CALIBRATION training batches) and kept in out/masks.safetensors, so a resumed run reuses them."""
+    path = Path(out) / "masks.safetensors"
+    if path.exists():
+        return load_file(str(path))
+    device, t0 = model.tok_embeddings.weight.device, time.time()
+    calibration = [batches[0][i * args.batch_size:(i + 1) * args.batch_size].to(device) for i in range(CALIBRATION)]
+    z = {"magnitude": lambda: baselines.magnitude_masks(model, args.target),
+         "taylor": lambda: baselines.taylor_masks(model, calibration, args.target),
+         "bonsai": lambda: baselines.bonsai_masks(model, calibration, args.target, args.bonsai_samples, seed=args.seed),
+         }[args.method]()
+    if args.rank == 0:  # what choosing them cost: Bonsai's promise is the memory of inference
+        (Path(out) / "masks.json").write_text(json.dumps({"method": args.method, "seconds": time.time() - t0, "peak_mb": peak_mb(device)}))
+        save_file(z, str(path))
+    return z
+
+
+def init_student(args, model, gen, fixed):
+    """One of three mask sources: learned (NutePrune), a pruning run's masks (post fine-tuning) or a baseline's
+    (`fixed`, from baseline_masks); the last two stay fixed while LoRA trains."""
     targets, device = args.lora_targets.split(","), model.tok_embeddings.weight.device
-    log_alpha, fixed = {}, {}
+    log_alpha = {}
     if args.run:  # its LoRA continues and grows to the fine-tuning targets
         run = load_adapter(args.run, model)
         fixed = {k: run[k] for k in MASKS}
         lora = init_lora(model, targets, args.lora_rank, gen, {k: v.cpu() for k, v in run.items() if ".lora_" in k})
-    elif args.magnitude:
-        fixed = {k: v.to(device) for k, v in baselines.magnitude_masks(model, args.target).items()}
+    elif fixed:
+        fixed = {k: v.to(device) for k, v in fixed.items()}
         lora = init_lora(model, targets, args.lora_rank, gen)
     else:
         log_alpha = init_log_alpha(model.config, gen)
@@ -373,8 +393,14 @@ def train_step(step, model, batches, student, lambdas, opts, queue, gen, args):
             **({"lagrangian": lag.item(), "lambda1": lambdas[0].item(), "lambda2": lambdas[1].item()} if "lambda" in opts else {}),
             "teacher": None if distill == "none" else ("intact" if key is None else key * args.interval),
             "lr_lora": lora_lr(step, args), "tokens_per_s": x.numel() * args.grad_accum / (time.time() - t0),
-            "memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # peak RSS on the CPU
+            "memory_mb": peak_mb(device)}
+
+
+def peak_mb(device):
+    """Peak memory so far: CUDA's allocator on a GPU, the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def average_over_ranks(student, terms, world):
@@ -435,7 +461,8 @@ def train(args):
         dist.broadcast_object_list(run_id)
         run_id = run_id[0]
     gen = torch.Generator().manual_seed(args.seed)  # LoRA init and mask noise: the same on every rank
-    student = init_student(args, model, gen)
+    fixed = baseline_masks(args, model, batches, out) if args.method != "nuteprune" else {}
+    student = init_student(args, model, gen, fixed)
     if args.fsdp:
         shard(model, args)
     lambdas = torch.zeros(2, device=model.tok_embeddings.weight.device, requires_grad=True)
@@ -502,7 +529,10 @@ def get_args(argv=None):
     p.add_argument("--distill", choices=["pkd", "kd", "none"], default="pkd",
                    help="pkd: progressive numerous teachers; kd: the intact teacher throughout; none: next-token loss")
     p.add_argument("--masks-only", action="store_true", help="learn masks without LoRA (the paper's dagger rows)")
-    p.add_argument("--magnitude", action="store_true", help="baseline: fix masks by weight norms to --target, train LoRA only")
+    p.add_argument("--method", choices=["nuteprune", "magnitude", "taylor", "bonsai"], default="nuteprune",
+                   help="the baselines fix their masks at --target before training (magnitude: weight norms; taylor: "
+                   "LLM-Pruner's |w * dL/dw|; bonsai: forward passes only), then LoRA recovers for --steps (0: none)")
+    p.add_argument("--bonsai-samples", type=int, default=100, help="--method bonsai: sub-models per pruning round")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=8.0)
     p.add_argument("--lora-targets", default=None, help="comma list of q,k,v,o,gate,up,down (default q,v; all for --finetune)")
@@ -539,9 +569,10 @@ def check_args(args):
     if not 0 < args.target < 1:
         raise ValueError(f"--target must be in (0, 1), got {args.target}")
     flag = lambda name: "--" + name.replace("_", "-")
-    for name in ("steps", "batch_size", "grad_accum", "save_every", "lora_rank", "stop_after", "blocks"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
+    for name in ("steps", "batch_size", "grad_accum", "save_every", "lora_rank", "stop_after", "blocks", "bonsai_samples"):
+        least = 0 if name == "steps" and args.method != "nuteprune" else 1  # a baseline with --steps 0: no recovery
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            raise ValueError(f"{flag(name)} must be at least {least}, got {getattr(args, name)}")
     if args.seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2 (a next-token pair), got {args.seq_len}")
     for name in ("lr_mask", "lr_lambda", "lr_lora", "lora_alpha", "temperature", "interval"):
@@ -562,8 +593,8 @@ def check_args(args):
     args.world, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # torchrun's
     if args.fsdp and args.world < 2:
         raise ValueError("--fsdp shards over several processes: run under torchrun --nproc_per_node N")
-    if args.run and args.magnitude:
-        raise ValueError("--run and --magnitude both fix the masks: choose one")
+    if args.method != "nuteprune" and (args.run or args.masks_only):
+        raise ValueError(f"--method {args.method} chooses its own masks: not with --run or --masks-only")
     if args.finetune and not args.run:
         raise ValueError("--finetune needs --run, the pruning run whose masks it keeps")
     args.lora_targets = args.lora_targets or ("q,k,v,o,gate,up,down" if args.finetune else "q,v")

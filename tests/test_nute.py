@@ -427,6 +427,9 @@ def nute_cli(*argv):
     (["--resume"], "holds no run"),
     (["--data", "DIR/missing.txt"], "no such file"),
     (["--run", "DIR", "--finetune", "BAD.gz"], "no adapter.safetensors there"),
+    (["--method", "bonsai", "--masks-only"], "chooses its own masks"),
+    (["--method", "taylor", "--steps", "-1"], "--steps must be at least 0"),
+    (["--method", "bonsai", "--bonsai-samples", "0"], "--bonsai-samples must be at least 1"),
 ])
 def test_bad_input_exit_2(tiny, tmp_path, extra, message):
     """One line, exit 2, and nothing written: every setting is checked before the run folder is made."""
@@ -487,7 +490,7 @@ def test_a_diverged_run_stops_and_writes_nothing_non_finite(tiny, tmp_path):
     MAX_SKIPPED non-finite steps in a row with one line, write no adapter or export, keep its last
     checkpoint finite, and leave nothing for evaluate.py to score."""
     r = nute_cli("--ckpt", tiny[0], "--data", tiny[1], "--out", tmp_path / "r", "--seq-len", 32, "--batch-size", 2,
-                 "--dtype", "fp32", "--magnitude", "--distill", "none", "--lr-lora", "1e6", "--steps", 30,
+                 "--dtype", "fp32", "--method", "magnitude", "--distill", "none", "--lr-lora", "1e6", "--steps", 30,
                  "--save-every", 2, "--target", 0.2)
     assert r.returncode == 2 and f"{nute.MAX_SKIPPED} times in a row" in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: steps ")
@@ -519,8 +522,32 @@ def test_magnitude_masks_reach_target_and_drop_smallest(tiny):
     assert z["z_int"][1, 7] == 0 and z["z_hid"].all()
 
 
+@pytest.mark.parametrize("method", ["taylor", "bonsai"])
+def test_baseline_masks_are_chosen_once_and_kept(tiny, tmp_path, method):
+    """--method taylor / bonsai: masks at the target in masks.safetensors (with their cost in masks.json), LoRA
+    trained with them fixed; a resume reuses the file (Bonsai's sampling is not redone), --steps 0 only prunes."""
+    out = tmp_path / "r"
+    extra = ["--target", "0.3", "--method", method, "--bonsai-samples", "4", "--distill", "none", "--save-every", "2"]
+    assert run(tiny, out, *extra, "--steps", "4", "--stop-after", "2") is None
+    masks = load_file(str(out / "masks.safetensors"))
+    cost = json.loads((out / "masks.json").read_text())
+    assert cost["method"] == method and cost["seconds"] > 0 and cost["peak_mb"] > 0
+    called = []
+    original = getattr(baselines, f"{method}_masks")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(baselines, f"{method}_masks", lambda *a, **k: called.append(1) or original(*a, **k))
+        _, _, adapter = run(tiny, out, *extra, "--steps", "4", "--resume")
+    assert not called and all(torch.equal(adapter[k].cpu(), masks[k]) for k in model.MASKS)
+    config = checkpoint.load(str(tiny[0]))[0].config
+    assert 0.3 <= model.mask_sparsity(masks, config) < 0.4 and masks["z_hid"].all()
+    assert adapter["layers.0.attention.wq.lora_B"].abs().sum() > 0  # LoRA learned
+    _, _, untrained = run(tiny, tmp_path / "none", *extra, "--steps", "0")  # no recovery: the masks alone
+    assert all(torch.equal(untrained[k].cpu(), masks[k]) for k in model.MASKS)
+    assert untrained["layers.0.attention.wq.lora_B"].abs().sum() == 0
+
+
 def test_magnitude_run_trains_lora_with_fixed_masks(tiny, tmp_path):
-    run(tiny, tmp_path / "mag", "--target", "0.3", "--steps", "6", "--magnitude", "--distill", "none")
+    run(tiny, tmp_path / "mag", "--target", "0.3", "--steps", "6", "--method", "magnitude", "--distill", "none")
     adapter = load_file(str(tmp_path / "mag" / "adapter.safetensors"))
     want = baselines.magnitude_masks(checkpoint.load(str(tiny[0]))[0], 0.3)
     for k in model.MASKS:
