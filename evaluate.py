@@ -294,6 +294,8 @@ def trajectory(log_path, points=6):
     """Target against expected sparsity (Eq. 3) at a few steps of a run's log, as a markdown table, and the
     largest gap once the ramp has covered a quarter of the target (a quarter of the warm-up)."""
     rows = [json.loads(line) for line in open(log_path)]
+    if not rows:
+        return "no training steps (--steps 0)\n"
     picked = [rows[round(k * (len(rows) - 1) / (points - 1))] for k in range(points)]
     gap = max(abs(r["expected_sparsity"] - r["target"]) for r in rows if r["target"] >= rows[-1]["target"] / 4)
     return ("| step | " + " | ".join(str(r["step"]) for r in picked) + " |\n" + "|---" * (points + 1) + "|\n"

@@ -29,7 +29,7 @@ import data
 import evaluate
 import hub
 from checkpoint import (LoadError, check_device, check_finite, check_run_folder, load, load_adapter, load_run_state,
-                        open_run, save, save_adapter, save_run_state)
+                        open_run, save, save_adapter, save_gguf, save_run_state)
 from model import LORA_TARGETS, MASKS, build, expected_size, mask_shapes, mask_sparsity, prunable_size, slice_model
 
 # ----------------------------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def micro_step(model, x, loss_mask, student, teacher, distill, args):
 # ----------------------------------------------------------------------------------------------------
 # The training loop: pruning (masks + LoRA, Lagrangian, teachers) and post fine-tuning (masks frozen)
 
-RUN_ONLY = ("resume", "stop_after", "save_every", "eval", "out", "grad_checkpoint", "rank")  # may differ on --resume
+RUN_ONLY = ("resume", "stop_after", "save_every", "eval", "out", "grad_checkpoint", "rank", "gguf")  # may differ on --resume
 MAX_SKIPPED = 5  # this many non-finite steps in a row stop the run: it has diverged
 CALIBRATION = 2  # training batches the baselines score units on (LLM-Pruner: 10 sequences)
 
@@ -560,6 +560,8 @@ def get_args(argv=None):
     p.add_argument("--run", help="a pruning run whose masks stay frozen and whose LoRA goes on training")
     p.add_argument("--finetune", help="post fine-tuning on an Alpaca JSON file, masks frozen (Sec. 3.3)")
     p.add_argument("--no-eval", dest="eval", action="store_false", help="skip perplexity and latency at the end")
+    p.add_argument("--gguf", type=str.upper, choices=["F32", "F16", "BF16", "Q8_0", "Q4_0"],
+                   help="also write the pruned model as out/model.gguf for llama.cpp, in this tensor type")
     return check_args(p.parse_args(argv))
 
 
@@ -621,6 +623,8 @@ def main(argv=None):
     out = Path(args.out)
     small = slice_model(model, adapter)
     save(small, tok, out / "model")
+    if args.gguf:  # for llama.cpp (checkpoint.py writes one from any finished run too)
+        save_gguf(small, tok, out / "model.gguf", args.gguf)
     print((out / "structure.md").read_text())
     print(evaluate.trajectory(out / "log.jsonl"))
     final = mask_sparsity(adapter, model.config)

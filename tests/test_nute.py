@@ -546,6 +546,17 @@ def test_baseline_masks_are_chosen_once_and_kept(tiny, tmp_path, method):
     assert untrained["layers.0.attention.wq.lora_B"].abs().sum() == 0
 
 
+def test_gguf_written_next_to_the_export(tiny, tmp_path):
+    """--gguf: the pruned model also as model.gguf (llama.cpp's deci layout), computing what model/ computes."""
+    r = nute_cli("--ckpt", tiny[0], "--data", tiny[1], "--out", tmp_path / "r", "--seq-len", 32, "--batch-size", 2,
+                 "--dtype", "fp32", "--no-eval", "--method", "magnitude", "--target", "0.3", "--steps", "0", "--gguf", "f32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (a, _), (b, _) = (checkpoint.load(str(tmp_path / "r" / f)) for f in ("model", "model.gguf"))
+    x = torch.randint(0, 257, (2, 9))
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=1e-5)
+    assert checkpoint.read_gguf(str(tmp_path / "r" / "model.gguf"), tensors=False)[0]["general.architecture"] == "deci"
+
+
 def test_magnitude_run_trains_lora_with_fixed_masks(tiny, tmp_path):
     run(tiny, tmp_path / "mag", "--target", "0.3", "--steps", "6", "--method", "magnitude", "--distill", "none")
     adapter = load_file(str(tmp_path / "mag" / "adapter.safetensors"))
