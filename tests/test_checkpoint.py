@@ -497,9 +497,9 @@ def real_pruned(model, target):
     return M.slice_model(model, z)
 
 
-def llama_cpp_logits(llama_cpp, path, ids, new_tokens):
-    """-> (logits of every prompt position [T, vocab], greedy continuation) from llama.cpp."""
-    llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, n_threads=2, verbose=False)
+def llama_cpp_logits(llama_cpp, path, ids, new_tokens=0):
+    """-> (logits of every prompt position [T, vocab], greedy continuation) from llama.cpp, KV cache in F32."""
+    llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, n_threads=2, verbose=False, type_k=0, type_v=0)
     llm.eval(ids)
     logits, out = torch.tensor(np.array(llm.scores[:len(ids)])), []
     for _ in range(new_tokens):
@@ -508,27 +508,44 @@ def llama_cpp_logits(llama_cpp, path, ids, new_tokens):
     return logits, out
 
 
+@pytest.mark.parametrize("kind, tol", [("F32", 1e-5), ("Q8_0", 0.05)])
+def test_llama_cpp_runs_every_pruned_layout(llama_cpp, tmp_path, kind, tol):
+    """The layouts llama.cpp has rules about (layer 0 without heads, attention without FFN, an empty layer,
+    uneven kv groups, hidden dims cut), in a tiny model: llama.cpp computes what our reader of the same file
+    computes. Q8_0 differs by llama.cpp's 8-bit activations (measured 2.8%)."""
+    small, path = pruned_tiny(gguf_config(n_layers=4))[1], tmp_path / "p.gguf"
+    C.save_gguf(small, gguf_tokenizer_of(), path, kind)
+    ids = torch.randint(1, len(GGUF_TOKENS), (20,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        close(llama_cpp_logits(llama_cpp, path, ids)[0], C.load(str(path))[0](torch.tensor([ids]))[0], tol, kind)
+
+
 @pytest.mark.parametrize("target", [0, 0.2, 0.5])
 def test_llama_cpp_runs_our_f32_gguf(smollm, llama_cpp, tmp_path, target):
+    """SmolLM2 and two uneven prunings of it, F32: llama.cpp's logits are ours (measured 1.5e-6 dense, 1.4e-5
+    pruned) and its tokenizer, built from our metadata, gives our ids; greedy text is the same."""
     model, tok, _ = smollm
     small, path = real_pruned(model, target), tmp_path / "m.gguf"
     C.save_gguf(small, tok, path, "F32")
     ids = tok.encode(SENTENCE_TEXT)
+    assert llama_cpp.Llama(str(path), vocab_only=True, verbose=False).tokenize(SENTENCE_TEXT.encode(), add_bos=False) == ids
     theirs, their_text = llama_cpp_logits(llama_cpp, path, ids, 16)
     with torch.no_grad():
-        close(theirs, small(torch.tensor([ids]))[0], 1e-3, "llama.cpp vs ours")
+        close(theirs, small(torch.tensor([ids]))[0], 1e-4, "llama.cpp vs ours")
     assert their_text == M.generate(small, ids, 16)
 
 
 def test_llama_cpp_runs_our_q8_0_gguf(smollm, llama_cpp, tmp_path):
-    """Q8_0: llama.cpp and our reader decode the same file to the same model (to llama.cpp's Q8 x Q8 products)."""
+    """Q8_0 of the real model: llama.cpp and our reader decode the same file alike, up to llama.cpp's 8-bit
+    activations (relative RMS 4.4% measured), and agree on every next token of the sentence."""
     model, tok, _ = smollm
     path = tmp_path / "m.gguf"
-    C.save_gguf(real_pruned(model, 0.2), tok, path, "Q8_0")
+    C.save_gguf(model, tok, path, "Q8_0")
     ids = tok.encode(SENTENCE_TEXT)
-    theirs, _ = llama_cpp_logits(llama_cpp, path, ids, 0)
+    theirs = llama_cpp_logits(llama_cpp, path, ids)[0]
     with torch.no_grad():
-        close(theirs, C.load(str(path))[0](torch.tensor([ids]))[0], 2e-2, "llama.cpp vs ours, Q8_0")
+        ours = C.load(str(path))[0](torch.tensor([ids]))[0]
+    assert (theirs - ours).norm() / ours.norm() < 0.08 and torch.equal(theirs.argmax(-1), ours.argmax(-1))
 
 
 @pytest.mark.parametrize("target", [0, 0.2])
