@@ -7,13 +7,17 @@
     python bench.py layers --run runs/x   # the layer loss (Eq. 6) per layer, plain and --layer-norm teacher
     python bench.py plan      # memory (and CPU time) of the paper's step for LLaMA-7B / 13B / 70B shapes
     python bench.py llama-cpp --run runs/a --run runs/b   # dense vs pruned GGUF in the real llama.cpp
+    python bench.py vs-hf     # forward, decode and the KD step against transformers + peft, side by side
 """
 import argparse
+import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -160,33 +164,62 @@ def bench_export(args):
                   f"{speed:.2f}x | {limit:.2f}x | {speed / limit:.0%} |")
 
 
+def llama_cpp_perplexity(llm, chunks):
+    """evaluate.perplexity's number (non-overlapping chunks, tokens 1..L-1 scored), computed by llama.cpp."""
+    nll, count = 0.0, 0
+    for chunk in chunks.tolist():
+        llm.reset()
+        llm.eval(chunk)
+        logits = torch.tensor(llm.scores[:len(chunk) - 1])
+        nll += torch.nn.functional.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="sum").item()
+        count += len(chunk) - 1
+    return math.exp(nll / count)
+
+
+def as_deci(m):
+    """The dense model with 32 zero FFN units added to layer 0: no longer uniform, so save_gguf writes it as
+    `deci`, the architecture of the pruned exports, computing what the dense model computes."""
+    sd, f = dict(m.state_dict()), "layers.0.feed_forward."
+    for w in ("w1", "w3"):
+        sd[f + w + ".weight"] = torch.cat([sd[f + w + ".weight"], torch.zeros(32, m.config.dim)])
+    sd[f + "w2.weight"] = torch.cat([sd[f + "w2.weight"], torch.zeros(m.config.dim, 32)], 1)
+    ffn_dims = [m.config.ffn_dims[0] + 32] + m.config.ffn_dims[1:]
+    return model.build(dataclasses.replace(m.config, ffn_dims=ffn_dims), sd)
+
+
 def bench_llama_cpp(args):
     """The paper's speed-up measured in a real engine: the dense model and the pruned ones written by save_gguf in
-    the same tensor type, prefill and decode in llama.cpp (llama-cpp-python), interleaved rounds, medians."""
+    the same tensor type; file size, held-out perplexity through our loader and through llama.cpp, prefill and
+    decode speed in llama.cpp (llama-cpp-python), interleaved rounds, medians."""
     try:
         from llama_cpp import Llama
     except ImportError:
         sys.exit("llama-cpp-python is not installed; README, 'Run your pruned model', has the line that builds it")
-    import tempfile
     dense, tok = load(args.ckpt)
-    models = {"dense": dense}
+    models = {"dense": dense, "dense as deci": as_deci(dense)}  # the same weights in the pruned models' architecture
     for run in args.run or []:
         models[os.path.basename(os.path.normpath(run))] = model.slice_model(dense, checkpoint.load_adapter(run, dense))
     if not args.run:  # timing only: the first heads and FFN units of every layer
         models.update({f"{t:.0%} pruned": model.slice_model(dense, structured_masks(dense.config, t)) for t in (0.2, 0.5)})
+    ids = evaluate.text_ids(tok, "\n\n".join(data.default_texts()[1]))  # held-out Wikipedia documents
+    chunks = torch.tensor(ids[:args.ppl_chunks * 128]).view(-1, 128)
     prompt = torch.randint(1000, 20000, (64 + 192,), generator=torch.Generator().manual_seed(0)).tolist()
     threads = torch.get_num_threads()
-    print(f"llama.cpp (llama-cpp-python), {threads} threads, prompt 64 tokens, then 192 decoded one at a time\n")
-    print("| type | model | parameters | file MB | prefill tokens/s | decode tokens/s | decode speed-up | prefill speed-up |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"llama.cpp (llama-cpp-python), {threads} threads; prefill: a 64-token prompt, decode: 192 tokens one at a "
+          f"time; perplexity: {len(chunks)} x 128 held-out tokens\n")
+    print("| type | model | parameters | file MB | bytes / parameter | perplexity (ours) | perplexity (llama.cpp) | "
+          "prefill tokens/s | decode tokens/s | prefill speed-up | decode speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for qtype in args.types.split(","):
-            llms, times = {}, {}
+            llms, times, ppl = {}, {}, {}
             for name, m in models.items():
-                path = os.path.join(tmp, f"{name}.{qtype}.gguf".replace(" ", "-").replace("%", ""))
+                path = os.path.join(tmp, f"{len(llms)}.{qtype}.gguf")
                 checkpoint.save_gguf(m, tok, path, qtype)
-                llms[name] = (Llama(path, n_ctx=512, n_threads=threads, n_batch=64, verbose=False), os.path.getsize(path))
-                times[name] = []
+                ours = evaluate.perplexity(load(path)[0], chunks.flatten().tolist(), 128)
+                llm = Llama(path, n_ctx=512, n_threads=threads, n_batch=128, logits_all=True, verbose=False)
+                llms[name], times[name] = (llm, os.path.getsize(path)), []
+                ppl[name] = (ours, llama_cpp_perplexity(llm, chunks))
             for _ in range(args.rounds):
                 for name, (llm, _) in llms.items():
                     llm.reset()
@@ -200,9 +233,72 @@ def bench_llama_cpp(args):
             for name, (llm, size) in llms.items():
                 pre, dec = (statistics.median(x[i] for x in times[name]) for i in (0, 1))
                 base = base or (pre, dec)
-                print(f"| {qtype} | {name} | {sum(p.numel() for p in models[name].parameters()) / 1e6:.1f}M | "
-                      f"{size / 1e6:.0f} | {pre:.0f} | {dec:.1f} | {dec / base[1]:.2f}x | {pre / base[0]:.2f}x |")
+                n = sum(p.numel() for p in models[name].parameters())
+                print(f"| {qtype} | {name} | {n / 1e6:.1f}M | {size / 1e6:.1f} | {size / n:.3f} | {ppl[name][0]:.2f} | "
+                      f"{ppl[name][1]:.2f} | {pre:.0f} | {dec:.1f} | {pre / base[0]:.2f}x | {dec / base[1]:.2f}x |")
             del llms
+
+
+def bench_vs_hf(args):
+    """The same weights in transformers (+ peft for LoRA) and here, timed in interleaved rounds in one process:
+    a no-grad forward, greedy decoding with prefill, and a KD step (LoRA q, v rank 8; HF: the intact teacher
+    is the same model with its adapter disabled, student forward / backward, AdamW; ours: nute.train_step
+    with masks sampled, the teacher forward, the controller)."""
+    try:
+        import peft
+        import transformers
+    except ImportError:
+        sys.exit("transformers and peft are not installed (optional peers): pip install transformers peft")
+    print(f"SmolLM2-135M, {torch.get_num_threads()} threads, transformers {transformers.__version__}, peft "
+          f"{peft.__version__}; {args.rounds} interleaved rounds, medians\n")
+    print("| what | dtype | Hugging Face | nute | nute / HF |\n|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        ours, tok = load(args.ckpt, dtype=dtype)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint.save(ours, tok, tmp)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(1000, 20000, (4, 256), generator=g)
+        prompt = x[0, :64].tolist()
+        name = str(dtype).split(".")[1]
+        a = nute.get_args(["--ckpt", args.ckpt, "--distill", "kd", "--layer-weight", "0", "--seq-len", "256",
+                           "--batch-size", "4", "--dtype", name.replace("float32", "fp32").replace("bfloat16", "bf16"),
+                           "--steps", "1000", "--no-eval"])
+        student = nute.init_student(a, ours, g, {})
+        lambdas = torch.zeros(2, requires_grad=True)
+        opts, queue = nute.make_optimizers(a, student, lambdas), nute.TeacherQueue(a.target, a.interval, a.gap)
+        batches = (x.repeat(4, 1), torch.ones(16, 256))
+        student_hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        opt_hf = torch.optim.AdamW([p for p in student_hf.parameters() if p.requires_grad], lr=1e-3)
+
+        def hf_kd_step():
+            with torch.no_grad(), student_hf.disable_adapter():
+                logits_t = student_hf(x).logits
+            logits_s = student_hf(x).logits
+            kl = torch.nn.functional.kl_div(torch.log_softmax(logits_s.float() / a.temperature, -1),
+                                            torch.softmax(logits_t.float() / a.temperature, -1), reduction="batchmean")
+            kl.backward()
+            opt_hf.step()
+            opt_hf.zero_grad()
+        steps = iter(range(10**6))
+        jobs = {  # what: (HF, ours, tokens per call)
+            "forward 4 x 256, no grad": (lambda: torch.no_grad()(hf)(x), lambda: torch.no_grad()(ours)(x), x.numel()),
+            "greedy decode 64 -> 256 (with prefill)": (
+                lambda: hf.generate(torch.tensor([prompt]), max_new_tokens=192, min_new_tokens=192, do_sample=False),
+                lambda: model.generate(ours, prompt, 192), 192),
+            "KD step, LoRA q,v r8, 4 x 256": (
+                hf_kd_step, lambda: nute.train_step(next(steps), ours, batches, student, lambdas, opts, queue, g, a),
+                x.numel())}
+        times = {k: ([], []) for k in jobs}
+        for _ in range(args.rounds):
+            for k, (f_hf, f_ours, _) in jobs.items():
+                for i, f in enumerate((f_hf, f_ours)):
+                    t0 = time.perf_counter()
+                    f()
+                    times[k][i].append(time.perf_counter() - t0)
+        for k, (_, _, n) in jobs.items():
+            hf_tps, our_tps = (n / statistics.median(t[1:] or t) for t in times[k])  # the first round warms up
+            print(f"| {k} | {name} | {hf_tps:,.1f} tok/s | {our_tps:,.1f} | {our_tps / hf_tps:.2f}x |")
 
 
 def bench_eval(args):
@@ -319,14 +415,15 @@ def bench_plan(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["model", "train", "export", "eval", "layers", "plan", "llama-cpp"])
+    p.add_argument("what", choices=["model", "train", "export", "eval", "layers", "plan", "llama-cpp", "vs-hf"])
     p.add_argument("--ckpt", default=str(data.default_model_path()))
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--steps", type=int, default=5, help="train: timed steps per configuration")
     p.add_argument("--rounds", type=int, default=7, help="export, llama-cpp: interleaved timing rounds per model")
     p.add_argument("--run", action="append", help="layers: a nute.py run whose masks the student uses; llama-cpp: "
                    "pruned runs to time against the dense model (repeatable; default: first units kept, 20% and 50%)")
-    p.add_argument("--types", default="Q8_0,F16", help="llama-cpp: GGUF tensor types to compare in")
+    p.add_argument("--types", default="F32,Q8_0", help="llama-cpp: GGUF tensor types to compare in")
+    p.add_argument("--ppl-chunks", type=int, default=64, help="llama-cpp: held-out chunks of 128 tokens for perplexity")
     p.add_argument("--shapes", default=",".join(SHAPES), help="plan: which of " + ", ".join(SHAPES))
     p.add_argument("--no-time", dest="time", action="store_false", help="plan: memory only (the first shape is "
                    "timed, the others scaled by their weights per layer)")
@@ -347,6 +444,8 @@ def main():
         bench_plan(args)
     elif args.what == "llama-cpp":
         bench_llama_cpp(args)
+    elif args.what == "vs-hf":
+        bench_vs_hf(args)
     else:
         bench_eval(args)
 
