@@ -418,9 +418,9 @@ def pad_model(model, multiple=1, uniform=False):
     """-> a model that computes exactly what `model` computes, in shapes other runtimes take: every layer's
     attention in the fixed GQA layout (`regroup`), the hidden dim and FFN widths rounded up to `multiple`
     (GGUF's 32-element blocks) with zero units, and with `uniform` every layer the same size (Hugging Face
-    configs have one size for all layers, and a hidden size that the head count divides). Zero units add nothing: a zero FFN unit has silu(0) * 0 = 0, a zero
-    head has zero output rows; zero hidden dims stay zero, and the RMSNorms divide by the kept dims only
-    (weight * sqrt(d/d'), eps * d/d', as in slice_model)."""
+    configs have one size for all layers, and a hidden size that the head count divides). Zero units add
+    nothing: a zero FFN unit has silu(0) * 0 = 0, a zero head has zero output rows; zero hidden dims stay
+    zero, and the RMSNorms divide by the kept dims only (weight * sqrt(d/d'), eps * d/d', as in slice_model)."""
     c, hd = model.config, model.config.head_dim
     sd = model.state_dict()
     ref = sd["tok_embeddings.weight"]
