@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import mask_shapes
+from model import expected_size, mask_shapes, prunable_size
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -34,11 +34,10 @@ def weights_of(unit, config):
 
 def drop_until(z, order, config, target):
     """Zeroes the units of `order` one by one until the Eq. 3 count of z reaches target sparsity (in place)."""
-    c = config
-    total = c.n_layers * (2 * c.dim * c.head_dim * (c.n_heads + c.n_kv_heads) + 3 * c.dim * c.ffn_dim)
+    c, total = config, prunable_size(config)
     group = c.n_heads // c.n_kv_heads
     kept_heads = z["z_head"].view(c.n_layers, c.n_kv_heads, group).sum(-1)  # [L, H_kv] query heads left per group
-    size = (2 * c.dim * c.head_dim * (z["z_head"].sum() + (kept_heads > 0).sum()) + 3 * c.dim * z["z_int"].sum()).item()
+    size = expected_size(z["z_head"], z["z_int"], z["z_hid"], c).item()  # Eq. 3 on binary masks: the exact count
     for unit in order:
         if size <= (1 - target) * total:
             break
