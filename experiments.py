@@ -11,6 +11,7 @@ exactly the target. --out/teachers.md: how strong the NutePrune runs' teacher sn
 """
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -107,8 +108,8 @@ def get_args(argv=None):
     p.add_argument("--tasks", default="all")
     p.add_argument("--limit", type=int, default=200, help="first N examples of each task; 0 = full splits")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
-    p.add_argument("--rows", help="comma list of rows to train (names as in ROWS, e.g. 'NutePrune,KD (intact "
-                   "teacher)'); default: all")
+    p.add_argument("--rows", help="comma list of rows to train (names as in ROWS, no space after a separating "
+                   "comma, e.g. 'NutePrune,Taylor, no recovery'); default: all")
     p.add_argument("--seeds", default="0", help="comma list: every row once per seed, with mean and spread")
     p.add_argument("--at-target", action="store_true", help="also score each learned-mask run with its masks "
                    "moved to exactly the target (for runs that did not land on it)")
@@ -123,16 +124,19 @@ def get_args(argv=None):
     return args
 
 
+def folder_of(name, ratio, seed):
+    """'Taylor, no recovery', '20%', 1 -> 'Taylor-no-recovery-20-seed1'"""
+    return name.split(" (")[0].replace(" ", "-").replace(",", "") + f"-{ratio[:-1]}" + (f"-seed{seed}" if seed else "")
+
+
 def make_jobs(args):
     """-> [(name, folder, ratio, target, nute.py flags)]: dense, then every row at every target and seed;
     with --at-target the learned-mask runs again moved to exactly the target (flags None: they reuse the
     trained run)."""
-    rows = args.rows.split(",") if args.rows else list(ROWS)
+    rows = re.split(r",(?! )", args.rows) if args.rows else list(ROWS)  # ", " belongs to a name
     if bad := [r for r in rows if r not in ROWS]:
         fail(f"--rows: unknown {bad}; choose from {list(ROWS)}")
     seeds = [int(x) for x in args.seeds.split(",")]
-    folder_of = lambda name, ratio, seed: (name.split(" (")[0].replace(" ", "-").replace(",", "") + f"-{ratio[:-1]}"
-                                           + (f"-seed{seed}" if seed else ""))
     jobs = [("dense", "dense", "0%", None, None)]
     jobs += [(name + (f", seed {seed}" if len(seeds) > 1 else ""), folder_of(name, f"{float(t):.0%}", seed),
               f"{float(t):.0%}", float(t), ROWS[name] + ["--seed", seed])
@@ -160,6 +164,18 @@ def seed_spread(rows):
     return "\n".join(lines) + "\n" if groups else ""
 
 
+def shared_masks(job, args):
+    """A baseline's masks depend on its method, target and seed, not on the recovery after them: a row reuses
+    the masks another row of the same method chose (Bonsai's take the longest) -> extra nute.py flags."""
+    name, folder, ratio, target, flags = job
+    method = lambda f: f[f.index("--method") + 1] if "--method" in f else None
+    for other in ROWS:
+        masks = Path(args.out) / folder_of(other, ratio, flags[-1]) / "masks.safetensors"  # flags end "--seed", s
+        if method(ROWS[other]) == method(flags) is not None and other != name.split(", seed ")[0] and masks.exists():
+            return ["--masks", masks]
+    return []
+
+
 def run_job(job, args, common, scoring, base):
     """Trains (or resumes) and scores one row unless its result exists -> the row for the table."""
     name, folder, ratio, target, flags = job
@@ -170,7 +186,7 @@ def run_job(job, args, common, scoring, base):
         t0 = time.time()
         if flags is not None and not (run / "adapter.safetensors").exists():
             resume = ["--resume"] if (run / "settings.json").exists() else []  # it started: continue it
-            sh(["nute.py", *common, "--target", target, "--out", run, *flags, *resume], log)
+            sh(["nute.py", *common, "--target", target, "--out", run, *flags, *resume, *shared_masks(job, args)], log)
         if target is not None and flags is None:  # an ", at target" row: new masks for the trained run
             run.mkdir(exist_ok=True)
             save_adapter(at_target(trained, target, base), run)

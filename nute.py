@@ -13,6 +13,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -238,7 +239,7 @@ def micro_step(model, x, loss_mask, student, teacher, distill, args):
 # ----------------------------------------------------------------------------------------------------
 # The training loop: pruning (masks + LoRA, Lagrangian, teachers) and post fine-tuning (masks frozen)
 
-RUN_ONLY = ("resume", "stop_after", "save_every", "eval", "out", "grad_checkpoint", "rank", "gguf")  # may differ on --resume
+RUN_ONLY = ("resume", "stop_after", "save_every", "eval", "out", "grad_checkpoint", "rank", "gguf", "masks")  # may differ on --resume
 MAX_SKIPPED = 5  # this many non-finite steps in a row stop the run: it has diverged
 CALIBRATION = 2  # training batches the baselines score units on (LLM-Pruner: 10 sequences)
 
@@ -267,8 +268,15 @@ def baseline_masks(args, model, batches, out):
     """--method magnitude / taylor / bonsai: the masks, chosen once before training (calibration: the first
     CALIBRATION training batches) and kept in out/masks.safetensors, so a resumed run reuses them."""
     path = Path(out) / "masks.safetensors"
+    if args.masks and not path.exists():  # chosen by an earlier run: kept here with what choosing cost
+        shutil.copy(args.masks, path)
+        if os.path.exists(cost := os.path.join(os.path.dirname(args.masks), "masks.json")):
+            shutil.copy(cost, Path(out) / "masks.json")
     if path.exists():
-        return load_file(str(path))
+        z = load_file(str(path))
+        if {k: tuple(v.shape) for k, v in z.items()} != mask_shapes(model.config):
+            raise ValueError(f"{args.masks or path}: not the masks of this model (shapes {mask_shapes(model.config)})")
+        return z
     device, t0 = model.tok_embeddings.weight.device, time.time()
     calibration = [batches[0][i * args.batch_size:(i + 1) * args.batch_size].to(device) for i in range(CALIBRATION)]
     z = {"magnitude": lambda: baselines.magnitude_masks(model, args.target),
@@ -533,6 +541,8 @@ def get_args(argv=None):
                    help="the baselines fix their masks at --target before training (magnitude: weight norms; taylor: "
                    "LLM-Pruner's |w * dL/dw|; bonsai: forward passes only), then LoRA recovers for --steps (0: none)")
     p.add_argument("--bonsai-samples", type=int, default=100, help="--method bonsai: sub-models per pruning round")
+    p.add_argument("--masks", help="with --method: its masks as an earlier run chose them (that run's "
+                   "masks.safetensors), so one choice is recovered several ways without choosing again")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=8.0)
     p.add_argument("--lora-targets", default=None, help="comma list of q,k,v,o,gate,up,down (default q,v; all for --finetune)")
@@ -595,6 +605,8 @@ def check_args(args):
     args.world, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # torchrun's
     if args.fsdp and args.world < 2:
         raise ValueError("--fsdp shards over several processes: run under torchrun --nproc_per_node N")
+    if args.masks and (args.method == "nuteprune" or not os.path.isfile(args.masks)):
+        raise ValueError(f"--masks {args.masks}: a baseline's masks.safetensors, given with its --method")
     if args.method != "nuteprune" and (args.run or args.masks_only):
         raise ValueError(f"--method {args.method} chooses its own masks: not with --run or --masks-only")
     if args.finetune and not args.run:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import baselines
 import checkpoint
@@ -430,6 +430,8 @@ def nute_cli(*argv):
     (["--method", "bonsai", "--masks-only"], "chooses its own masks"),
     (["--method", "taylor", "--steps", "-1"], "--steps must be at least 0"),
     (["--method", "bonsai", "--bonsai-samples", "0"], "--bonsai-samples must be at least 1"),
+    (["--masks", "FILE"], "given with its --method"),
+    (["--method", "taylor", "--masks", "DIR/missing.safetensors"], "given with its --method"),
 ])
 def test_bad_input_exit_2(tiny, tmp_path, extra, message):
     """One line, exit 2, and nothing written: every setting is checked before the run folder is made."""
@@ -541,9 +543,15 @@ def test_baseline_masks_are_chosen_once_and_kept(tiny, tmp_path, method):
     config = checkpoint.load(str(tiny[0]))[0].config
     assert 0.3 <= model.mask_sparsity(masks, config) < 0.4 and masks["z_hid"].all()
     assert adapter["layers.0.attention.wq.lora_B"].abs().sum() > 0  # LoRA learned
-    _, _, untrained = run(tiny, tmp_path / "none", *extra, "--steps", "0")  # no recovery: the masks alone
-    assert all(torch.equal(untrained[k].cpu(), masks[k]) for k in model.MASKS)
+    with pytest.MonkeyPatch.context() as mp:  # --masks: the choice above again, not chosen anew
+        mp.setattr(baselines, f"{method}_masks", lambda *a, **k: pytest.fail("chose the masks again"))
+        _, _, untrained = run(tiny, tmp_path / "none", *extra, "--steps", "0", "--masks", out / "masks.safetensors")
+    assert all(torch.equal(untrained[k].cpu(), masks[k]) for k in model.MASKS)  # no recovery: the masks alone
     assert untrained["layers.0.attention.wq.lora_B"].abs().sum() == 0
+    assert json.loads((tmp_path / "none" / "masks.json").read_text()) == cost
+    save_file({**masks, "z_hid": masks["z_hid"][:-1].contiguous()}, str(tmp_path / "short.safetensors"))
+    with pytest.raises(ValueError, match="not the masks of this model"):
+        run(tiny, tmp_path / "short", *extra, "--steps", "0", "--masks", tmp_path / "short.safetensors")
 
 
 def test_gguf_written_next_to_the_export(tiny, tmp_path):
