@@ -86,10 +86,15 @@ def report(rows, args, heldout):
             f"{args.seq_len} tokens, {args.dtype}, seed {args.seeds}; perplexity at seq_len 128 on {heldout}"
             + ("" if args.tasks == "none" else f"; tasks: first {args.limit} examples of each" if args.limit else "; tasks: full splits"))
     steps = [k * args.steps // 6 for k in range(1, 7)]
-    lines = ["| row | training (min) | scoring (min) | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (3 + len(steps)) + "|"]
+    lines = ["| row | choosing masks (min) | training (min) | peak memory (MB) | scoring (min) | "
+             + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (5 + len(steps)) + "|"]
     for x in rows:
         sparsity = [f"{x['log'][s]['expected_sparsity']:.3f}" if s in x["log"] else "-" for s in steps]
-        lines.append(f"| {x['ratio']} {x['method']} | {x['train_min']:.1f} | {x['score_min']:.1f} | " + " | ".join(sparsity) + " |")
+        # from the run's own records (masks.json, log.jsonl's step times), however the row was produced
+        train_min = sum(args.batch_size * args.seq_len / r["tokens_per_s"] for r in x["log"].values()) / 60
+        peak = max([r["memory_mb"] for r in x["log"].values()] + [x["masks"].get("peak_mb", 0)])
+        lines.append(f"| {x['ratio']} {x['method']} | {x['masks'].get('seconds', 0) / 60:.1f} | {train_min:.1f} | "
+                     f"{f'{peak:,.0f}' if peak else '-'} | {x['score_min']:.1f} | " + " | ".join(sparsity) + " |")
     spread = seed_spread(rows)
     return (evaluate.table(rows, Path(heldout).name) + "\n\n" + note
             + ("\n\nOver the seeds (mean +- standard deviation):\n\n" + spread if spread else "")
@@ -201,7 +206,8 @@ def run_job(job, args, common, scoring, base):
         r["sparsity"] = mask_sparsity(load_file(str(run / "adapter.safetensors")), base)
         result.write_text(json.dumps(r, indent=1))
     return {**r["results"][0], "method": name, "ratio": ratio + (f" ({r['sparsity']:.1%})" if target else ""),
-            "train_min": r["train_seconds"] / 60, "score_min": (r["row_seconds"] - r["train_seconds"]) / 60,
+            "score_min": (r["row_seconds"] - r["train_seconds"]) / 60,
+            "masks": json.loads((trained / "masks.json").read_text()) if (trained / "masks.json").exists() else {},
             "log": {x["step"]: x for x in map(json.loads, open(trained / "log.jsonl"))} if target else {}}
 
 

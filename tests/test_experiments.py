@@ -36,9 +36,22 @@ def test_experiments_smoke(tmp_path):
     assert all(abs(r["expected_sparsity"] - mag["sparsity"]) < 1e-9 for r in log)  # Eq. 3 on fixed masks = the export
     for name in ("NutePrune", "KD", "no-KD", "NutePrune-masks-only"):  # the trained masks moved to the target
         assert 0.3 - 1 / 48 < json.loads((tmp_path / "res" / f"{name}-30-at-target.json").read_text())["sparsity"] <= 0.3
+    res = tmp_path / "res"
+    for m in ("Taylor", "Bonsai"):  # one choice of masks, recovered and not (same cost record: copied, not redone)
+        a, b = res / f"{m}-+-LoRA-30", res / f"{m}-no-recovery-30"
+        assert (a / "masks.safetensors").read_bytes() == (b / "masks.safetensors").read_bytes()
+        assert (a / "masks.json").read_text() == (b / "masks.json").read_text()
+        cost = json.loads((a / "masks.json").read_text())
+        row = next(line for line in table.split("Wall time")[1].splitlines() if f"{m} + LoRA |" in line)
+        assert row.split(" | ")[1] == f"{cost['seconds'] / 60:.1f}" and row.split(" | ")[3] != "-"  # minutes, peak MB
     # a second call finds every row done and trains nothing
     r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "prune" not in r.stderr
+
+
+def test_rows_named_with_a_comma():
+    args = experiments.get_args(["--rows", "NutePrune,Taylor, no recovery,NutePrune, masks only", "--targets", "0.2"])
+    assert [job[0] for job in experiments.make_jobs(args)] == ["dense", "NutePrune", "Taylor, no recovery", "NutePrune, masks only"]
 
 
 def test_experiments_seeds_give_mean_and_spread(tmp_path):
