@@ -177,7 +177,7 @@ class Tokenizer:
 
 
 def tokenizer_from_gguf(meta):
-    """From GGUF metadata (checkpoint.read_gguf(path, tensors=False)[0])."""
+    """From GGUF metadata (gguf.read_gguf(path, tensors=False)[0])."""
     model = meta.get("tokenizer.ggml.model")
     tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type")
     if model is None or tokens is None:
@@ -271,7 +271,7 @@ def load_tokenizer(src):
     if p.suffix == ".json":
         return tokenizer_from_hf_json(p)
     if p.suffix == ".gguf":
-        raise ValueError(f"{p}: pass a GGUF's metadata (checkpoint.read_gguf(path, tensors=False)[0])")
+        raise ValueError(f"{p}: pass a GGUF's metadata (gguf.read_gguf(path, tensors=False)[0])")
     return tokenizer_from_sentencepiece(p)
 
 

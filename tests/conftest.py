@@ -9,6 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import checkpoint  # noqa: E402  (after the path insert)
+import gguf  # noqa: E402
 
 SMOLLM = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -27,4 +28,4 @@ def smollm_path():
 def smollm(smollm_path):
     """(model fp32, tokenizer, GGUF vocabulary) of the real checkpoint."""
     model, tok = checkpoint.load(smollm_path)
-    return model, tok, checkpoint.read_gguf(smollm_path, tensors=False)[0]["tokenizer.ggml.tokens"]
+    return model, tok, gguf.read_gguf(smollm_path, tensors=False)[0]["tokenizer.ggml.tokens"]

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import baselines
 import checkpoint as C
+import gguf
 import model as M
 import tokenizer as tokenizer_module
 from checkpoint import LoadError
@@ -140,14 +141,14 @@ def test_dequantize_against_the_formulas():
                 else:
                     nib = (body[j % 16] >> (4 * (j // 16))) & 15  # low nibbles: 0..15, high: 16..31
                     want.append(d * (nib - 8) if kind == "Q4_0" else d * nib + m)
-        got = C.dequantize(np.frombuffer(blocks, np.uint8), kind, 96)
+        got = gguf.dequantize(np.frombuffer(blocks, np.uint8), kind, 96)
         assert len(blocks) == 3 * nbytes and np.array_equal(got, np.array(want, np.float32)), kind
     x = rng.standard_normal(64).astype(np.float32)
-    assert np.array_equal(C.dequantize(np.frombuffer(x.tobytes(), np.uint8), "F32", 64), x)
-    assert np.array_equal(C.dequantize(np.frombuffer(x.astype(np.float16).tobytes(), np.uint8), "F16", 64),
+    assert np.array_equal(gguf.dequantize(np.frombuffer(x.tobytes(), np.uint8), "F32", 64), x)
+    assert np.array_equal(gguf.dequantize(np.frombuffer(x.astype(np.float16).tobytes(), np.uint8), "F16", 64),
                           x.astype(np.float16).astype(np.float32))
     bf = np.frombuffer(struct.pack("<4H", 0x3F80, 0xC000, 0x4049, 0x0000), np.uint8)  # 1, -2, 3.140625, 0
-    assert C.dequantize(bf, "BF16", 4).tolist() == [1.0, -2.0, 3.140625, 0.0]
+    assert gguf.dequantize(bf, "BF16", 4).tolist() == [1.0, -2.0, 3.140625, 0.0]
 
 
 def test_quantizer_round_trip_is_close():
@@ -158,7 +159,7 @@ def test_quantizer_round_trip_is_close():
         b, dq = x.reshape(-1, 32), deq.reshape(-1, 32)
         scale = np.abs(b).max(1, keepdims=True) if kind != "Q4_1" else b.max(1, keepdims=True) - b.min(1, keepdims=True)
         assert (np.abs(b - dq) <= step * scale * 1.01 + 1e-3).all(), kind
-        assert np.array_equal(C.dequantize(np.frombuffer(raw, np.uint8), kind, x.size).reshape(x.shape), deq)
+        assert np.array_equal(gguf.dequantize(np.frombuffer(raw, np.uint8), kind, x.size).reshape(x.shape), deq)
 
 
 def test_read_gguf_metadata_types(tmp_path):
@@ -169,7 +170,7 @@ def test_read_gguf_metadata_types(tmp_path):
            ("a.arr_f32", ARR, (F32_, [0.25, 1.5])), ("a.arr_arr", ARR, (ARR, [(U8, [1, 2]), (U8, [])]))]
     path = tmp_path / "meta.gguf"
     path.write_bytes(gguf_bytes(kvs, []))
-    meta, tensors = C.read_gguf(str(path))
+    meta, tensors = gguf.read_gguf(str(path))
     assert tensors == {}
     want = {k: v for k, _, v in kvs}
     want.update({"a.arr_i32": [1, -2, 3], "a.arr_str": ["x", "", "ÿz"], "a.arr_f32": [0.25, 1.5],
@@ -379,18 +380,18 @@ def test_quantize_matches_ggml_reference():
     x = np.random.default_rng(4).standard_normal((6, 96)).astype(np.float32)
     x[0, :32] = 0  # an all-zero block: scale 0, no division by zero
     for kind in ("F32", "F16", "Q8_0", "Q4_0"):
-        assert C.quantize(x, kind) == quantize(x, kind)[0], kind
+        assert gguf.quantize(x, kind) == quantize(x, kind)[0], kind
     u = x.view(np.uint32).astype(np.uint64)  # bf16: round to nearest even, like ggml_fp32_to_bf16
     want = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    assert C.quantize(x, "BF16") == want.tobytes()
+    assert gguf.quantize(x, "BF16") == want.tobytes()
     with pytest.raises(ValueError):
-        C.quantize(x, "Q5_K")
+        gguf.quantize(x, "Q5_K")
 
 
 def test_gguf_metadata_types_are_what_llama_cpp_asks_for(tmp_path):
     meta = {"a.u32": 7, "a.f32": 0.5, "a.str": "x", "a.bool": True, "a.i32s": [1, -2], "a.f32s": [0.5, 1],
             "a.strs": ["p", "q"], "a.big": -5}
-    C.write_gguf(tmp_path / "m.gguf", meta, [])
+    gguf.write_gguf(tmp_path / "m.gguf", meta, [])
     buf = (tmp_path / "m.gguf").read_bytes()
     tags, pos = {}, 24  # after magic, version, tensor count, key count
     for _ in meta:
@@ -398,10 +399,10 @@ def test_gguf_metadata_types_are_what_llama_cpp_asks_for(tmp_path):
         key = buf[pos + 8:pos + 8 + n].decode()
         t = struct.unpack_from("<I", buf, pos + 8 + n)[0]
         tags[key] = (t, struct.unpack_from("<I", buf, pos + 12 + n)[0]) if t == 9 else t
-        pos = pos + 12 + n + len(C.gguf_value(meta[key])) - 4
+        pos = pos + 12 + n + len(gguf.gguf_value(meta[key])) - 4
     assert tags == {"a.u32": U32, "a.f32": F32_, "a.str": STR, "a.bool": BOOL, "a.i32s": (ARR, I32),
                     "a.f32s": (ARR, F32_), "a.strs": (ARR, STR), "a.big": I64}
-    assert C.read_gguf(str(tmp_path / "m.gguf"))[0] == meta
+    assert gguf.read_gguf(str(tmp_path / "m.gguf"))[0] == meta
 
 
 @pytest.mark.parametrize("kind", ["F32", "F16", "Q8_0", "Q4_0"])
@@ -414,7 +415,7 @@ def test_save_gguf_intact_model_is_llama(tmp_path, kind, tied):
     path = tmp_path / "m.gguf"
     C.save_gguf(m, gguf_tokenizer_of(), path, kind)
     expected = write_gguf(str(tmp_path / "ref.gguf"), m, kind)
-    meta, _ = C.read_gguf(str(path), tensors=False)
+    meta, _ = gguf.read_gguf(str(path), tensors=False)
     assert meta["general.architecture"] == "llama" and meta["llama.attention.head_count"] == config.n_heads
     assert meta["tokenizer.ggml.tokens"] == GGUF_TOKENS
     loaded, _ = C.load(str(path))
@@ -442,7 +443,7 @@ def test_save_gguf_pruned_model_is_deci(tmp_path, kind):
     tok = tokens_for(config)
     path = tmp_path / "p.gguf"
     C.save_gguf(small, gguf_tokenizer_of(), path, kind)
-    meta, tensors = C.read_gguf(str(path))
+    meta, tensors = gguf.read_gguf(str(path))
     heads, kv, ffn = (meta[f"deci.{k}"] for k in ("attention.head_count", "attention.head_count_kv", "feed_forward_length"))
     # llama.cpp's rules: layer 0 has a head (zero), a layer with attention has an FFN (zero), fixed GQA groups
     assert heads[0] == kv[0] == 1 and not tensors["blk.0.attn_q.weight"].any()

@@ -13,8 +13,6 @@ from safetensors.torch import save_file
 
 import data
 import evaluate as E
-import nute
-from checkpoint import LoadError
 from helpers import make_tiny
 from model import ModelConfig, Transformer
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from helpers import (F64, LORA_TARGETS, SENTENCE, SENTENCE_TEXT, close, half_to_interleaved, lora_adapter, make_model, new_like,
+from helpers import (F64, SENTENCE, SENTENCE_TEXT, close, half_to_interleaved, lora_adapter, make_model, new_like,
                      soft_masks, tiny_config, tokens_for)
 from model import generate
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import baselines
 import checkpoint
+import gguf
 import evaluate
 import model
 import nute
@@ -562,7 +563,7 @@ def test_gguf_written_next_to_the_export(tiny, tmp_path):
     (a, _), (b, _) = (checkpoint.load(str(tmp_path / "r" / f)) for f in ("model", "model.gguf"))
     x = torch.randint(0, 257, (2, 9))
     torch.testing.assert_close(b(x), a(x), rtol=0, atol=1e-5)
-    assert checkpoint.read_gguf(str(tmp_path / "r" / "model.gguf"), tensors=False)[0]["general.architecture"] == "deci"
+    assert gguf.read_gguf(str(tmp_path / "r" / "model.gguf"), tensors=False)[0]["general.architecture"] == "deci"
 
 
 def test_magnitude_run_trains_lora_with_fixed_masks(tiny, tmp_path):

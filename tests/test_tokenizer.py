@@ -8,7 +8,7 @@ import pytest
 
 import data
 import tokenizer
-from checkpoint import read_gguf
+from gguf import read_gguf
 from helpers import tiny_tokenizer
 
 SHARED = Path(__file__).parents[2] / "shared" / "data" / "tokenizers"
