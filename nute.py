@@ -186,6 +186,30 @@ class TeacherQueue:
         return sum(t.numel() * t.element_size() for snap in self.snapshots.values() for t in snap.values())
 
 
+class TemperedKL(torch.autograd.Function):
+    """Eq. 5's term, T^2 * KL(p_t || q_s) / batch, with its gradient T / batch * (q_s - p_t) formed in the
+    same pass, a chunk of rows at a time in fp32: autograd's log_softmax + kl_div would keep fp32 copies of
+    both [tokens, vocab] tensors for backward; this keeps one gradient in the logits' dtype."""
+
+    @staticmethod
+    def forward(ctx, logits_s, logits_t, T, rows=None):
+        s, t = logits_s.flatten(0, -2), logits_t.flatten(0, -2)  # [tokens, vocab]
+        batch, rows = logits_s.shape[0], rows or max(1, 2 ** 22 // s.shape[1])  # chunks of ~16 MB of fp32
+        grad, total = torch.empty_like(s), torch.zeros((), device=s.device)
+        for i in range(0, len(s), rows):
+            log_q = F.log_softmax(s[i:i + rows].float() / T, -1)
+            log_p = F.log_softmax(t[i:i + rows].float() / T, -1)
+            p = log_p.exp()
+            total += (p * (log_p - log_q)).sum()
+            grad[i:i + rows] = (log_q.exp() - p) * (T / batch)
+        ctx.save_for_backward(grad.view(logits_s.shape))
+        return total * T * T / batch
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.saved_tensors[0] * g.to(ctx.saved_tensors[0].dtype), None, None, None
+
+
 def distill_loss(logits_s, logits_t, hidden_s, hidden_t, z_hid, temperature, layer_norm="none"):
     """Eq. 5: KL(teacher || student) at temperature T, summed over tokens, averaged over the batch.
     Eq. 6: sum over the states of Transformer.forward(return_hidden=True) (HF's hidden_states[1:]) of their
@@ -193,9 +217,7 @@ def distill_loss(logits_s, logits_t, hidden_s, hidden_t, z_hid, temperature, lay
     65504 is inf and its step is skipped). layer_norm="teacher" (not in the reference) divides each MSE by
     the teacher's mean square there: every layer then counts alike, where SmolLM2's few huge activations
     otherwise make the sum (README, "The losses")."""
-    T = temperature
-    kl = F.kl_div(F.log_softmax(logits_s.float() / T, -1), F.softmax(logits_t.float() / T, -1),
-                  reduction="batchmean") * T * T
+    kl = TemperedKL.apply(logits_s, logits_t, temperature)
     kept, layer = z_hid > 0, torch.zeros((), device=logits_s.device)
     for hs, ht in zip(hidden_s, hidden_t):
         hs, ht = hs.float()[..., kept], ht.float()[..., kept]

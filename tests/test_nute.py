@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import baselines
@@ -95,6 +96,27 @@ def test_distill_loss_by_hand():
     assert rel.item() == pytest.approx(want, rel=1e-6)
     _, big = nute.distill_loss(ls, lt, [h * 1000 for h in hs], ht, z_hid, T)
     assert big.isinf()  # past fp16's 65504: the step that gets it is skipped
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tempered_kl_equals_autograd(dtype):
+    """The fused Eq. 5 term (computed in fp32) against autograd through log_softmax + kl_div in float64, over
+    several chunks."""
+    g = torch.Generator().manual_seed(0)
+    ls, lt = torch.randn(3, 7, 50, generator=g, dtype=torch.float64) * 4, torch.randn(3, 7, 50, generator=g, dtype=torch.float64) * 4
+    lt[0, 0, :10] = -1e4  # teacher probabilities that underflow to 0 count 0, as in kl_div
+    ls, lt, T = ls.to(dtype), lt.to(dtype), 2 / 3  # the reference sees the same (rounded) inputs
+    ref_s = ls.double().requires_grad_()
+    want = F.kl_div(F.log_softmax(ref_s / T, -1), F.softmax(lt.double() / T, -1), reduction="batchmean") * T * T
+    want.backward(torch.tensor(1.7, dtype=torch.float64))
+    for rows in (None, 2, 5):  # one chunk, and chunks that do not divide the 21 rows
+        s = ls.clone().requires_grad_()
+        got = nute.TemperedKL.apply(s, lt, T, rows)
+        got.backward(torch.tensor(1.7))
+        tol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -8}[dtype]  # bf16: the gradient's own rounding
+        assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-5)
+        assert s.grad.dtype == dtype
+        torch.testing.assert_close(s.grad.double(), ref_s.grad, rtol=tol, atol=tol * ref_s.grad.abs().max().item())
 
 
 def test_warmup_as_the_paper():
