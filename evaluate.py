@@ -304,14 +304,17 @@ def trajectory(log_path, points=6):
             + f"\nlargest |expected sparsity - target| after a quarter of the warm-up: {gap:.4f}\n")
 
 
-def run_report(model, small, tok, adapter, out, ckpt):
-    """The end of a nute.py run: held-out perplexity of the intact, masked and exported models, and their
-    generation latency, printed and written to out/results.json."""
+def run_report(model, small, tok, adapter, out):
+    """The end of a nute.py run: held-out perplexity of the intact, masked and exported models, and the
+    generation latency and size of the intact and exported models in the export's dtype (like with like:
+    the intact model as if saved the same way), printed and written to out/results.json."""
     ids = text_ids(tok, "\n\n".join(data.default_texts()[1]))  # held-out Wikipedia, never trained on
     results = {"ppl@128": {"intact": perplexity(model, ids, 128), "masked": perplexity(model, ids, 128, adapter),
                            "exported": perplexity(small, ids, 128)}}
-    results["latency"] = {"intact": {**latency(model), "disk_bytes": disk_size(ckpt)},
-                          "exported": {**latency(small), "disk_bytes": disk_size(out / "model")}}
+    intact = model.to(small.tok_embeddings.weight.dtype)  # the run is over: the training dtype is not needed
+    weight_bytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
+    results["latency"] = {"intact": {**latency(intact), "disk_bytes": weight_bytes(intact)},
+                          "exported": {**latency(small), "disk_bytes": disk_size(out / "model" / "model.safetensors")}}
     print("held-out perplexity (seq_len 128): " + ", ".join(f"{k} {v:.2f}" for k, v in results["ppl@128"].items()))
     print(latency_table([{"method": k, "latency": v} for k, v in results["latency"].items()]))
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -320,7 +323,7 @@ def run_report(model, small, tok, adapter, out, ckpt):
 
 
 def latency_table(results):
-    rows = [("parameters (M)", "params", 1e-6), ("size on disk (MB)", "disk_bytes", 1e-6),
+    rows = [("parameters (M)", "params", 1e-6), ("size of the weights (MB)", "disk_bytes", 1e-6),
             ("prefill (ms)", "prefill_ms", 1), ("decode (tokens/s)", "decode_tok_s", 1),
             ("ms / token", "ms_per_token", 1), ("weights read (GB/s)", "bandwidth_gb_s", 1)]
     head = [""] + [r["method"] for r in results] + [f"{r['method']} / {results[0]['method']}" for r in results[1:]]

@@ -261,7 +261,9 @@ def micro_step(model, x, loss_mask, student, teacher, distill, args):
 # ----------------------------------------------------------------------------------------------------
 # The training loop: pruning (masks + LoRA, Lagrangian, teachers) and post fine-tuning (masks frozen)
 
-RUN_ONLY = ("resume", "stop_after", "save_every", "eval", "out", "grad_checkpoint", "rank", "gguf", "masks")  # may differ on --resume
+RUN_ONLY = ("resume", "stop_after", "save_every", "eval", "out", "grad_checkpoint", "rank", "gguf", "masks",
+            "export_dtype")  # may differ on --resume
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SKIPPED = 5  # this many non-finite steps in a row stop the run: it has diverged
 CALIBRATION = 2  # training batches the baselines score units on (LLM-Pruner: 10 sequences)
 
@@ -477,7 +479,7 @@ def train(args):
     init_distributed(args)
     if args.rank == 0:
         check_run_folder(args.out, args.resume)  # before the long load; the folder is written only after it
-    model, tok = load(args.ckpt, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, device=args.device)
+    model, tok = load(args.ckpt, dtype=DTYPES[args.dtype], device=args.device)
     model.grad_checkpoint = args.grad_checkpoint
     if args.seq_len > model.config.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len}: {args.ckpt} takes at most {model.config.max_seq_len} tokens")
@@ -592,6 +594,8 @@ def get_args(argv=None):
     p.add_argument("--run", help="a pruning run whose masks stay frozen and whose LoRA goes on training")
     p.add_argument("--finetune", help="post fine-tuning on an Alpaca JSON file, masks frozen (Sec. 3.3)")
     p.add_argument("--no-eval", dest="eval", action="store_false", help="skip perplexity and latency at the end")
+    p.add_argument("--export-dtype", choices=list(DTYPES), help="the exported model/ (default: the run's --dtype); "
+                   "the end-of-run report times the intact model in the same dtype")
     p.add_argument("--gguf", type=str.upper, choices=["F32", "F16", "BF16", "Q8_0", "Q4_0"],
                    help="also write the pruned model as out/model.gguf for llama.cpp, in this tensor type")
     return check_args(p.parse_args(argv))
@@ -655,7 +659,7 @@ def main(argv=None):
         return
     model, tok, adapter = result
     out = Path(args.out)
-    small = slice_model(model, adapter)
+    small = slice_model(model, adapter).to(DTYPES[args.export_dtype or args.dtype])
     save(small, tok, out / "model")
     if args.gguf:  # for llama.cpp (checkpoint.py writes one from any finished run too)
         save_gguf(small, tok, out / "model.gguf", args.gguf)
@@ -667,7 +671,7 @@ def main(argv=None):
     print(f"exported {sum(p.numel() for p in small.parameters()):,} parameters "
           f"(intact {sum(p.numel() for p in model.parameters()):,}) to {out / 'model'}")
     if args.eval:
-        evaluate.run_report(model, small, tok, adapter, out, args.ckpt)
+        evaluate.run_report(model, small, tok, adapter, out)
 
 
 if __name__ == "__main__":

@@ -595,3 +595,22 @@ def test_magnitude_run_trains_lora_with_fixed_masks(tiny, tmp_path):
     for k in model.MASKS:
         assert torch.equal(adapter[k], want[k]), k
     assert adapter["layers.0.attention.wq.lora_B"].abs().sum() > 0  # LoRA learned
+
+
+def test_export_dtype_and_a_like_for_like_report(tiny, tmp_path, monkeypatch):
+    """--export-dtype fp32 after a bf16 run: model/ holds fp32 weights, and the end-of-run report times and
+    sizes the intact model in fp32 too (not as the file it was loaded from)."""
+    timed = []
+    fake_latency = lambda m, *a, **k: timed.append(m.tok_embeddings.weight.dtype) or {
+        "params": sum(p.numel() for p in m.parameters()), "prefill_ms": 1, "decode_tok_s": 1, "ms_per_token": 1, "bandwidth_gb_s": 1}
+    monkeypatch.setattr(nute.evaluate, "latency", fake_latency)
+    monkeypatch.setattr(nute.evaluate.data, "default_texts", lambda: ([], [tiny[1].read_text()[:3000]]))
+    out = tmp_path / "r"
+    nute.main(["--ckpt", str(tiny[0]), "--data", str(tiny[1]), "--out", str(out), "--seq-len", "32", "--batch-size", "2",
+               "--dtype", "bf16", "--export-dtype", "fp32", "--target", "0.3", "--steps", "2"])
+    assert {t.dtype for t in load_file(str(out / "model" / "model.safetensors")).values()} == {torch.float32}
+    assert timed == [torch.float32, torch.float32]  # intact, exported
+    size = json.loads((out / "results.json").read_text())["latency"]
+    intact = checkpoint.load(str(tiny[0]))[0]
+    assert size["intact"]["disk_bytes"] == 4 * sum(p.numel() for p in intact.parameters())
+    assert size["exported"]["disk_bytes"] == os.path.getsize(out / "model" / "model.safetensors")
