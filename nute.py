@@ -206,8 +206,8 @@ class TemperedKL(torch.autograd.Function):
         return total * T * T / batch
 
     @staticmethod
-    def backward(ctx, g):
-        return ctx.saved_tensors[0] * g.to(ctx.saved_tensors[0].dtype), None, None, None
+    def backward(ctx, g):  # g: a 0-dim fp32 tensor, applied in fp32 (PyTorch's scalar rule), not rounded to bf16
+        return ctx.saved_tensors[0] * g, None, None, None
 
 
 def distill_loss(logits_s, logits_t, hidden_s, hidden_t, z_hid, temperature, layer_norm="none"):
