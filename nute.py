@@ -188,26 +188,33 @@ class TeacherQueue:
 
 class TemperedKL(torch.autograd.Function):
     """Eq. 5's term, T^2 * KL(p_t || q_s) / batch, with its gradient T / batch * (q_s - p_t) formed in the
-    same pass, a chunk of rows at a time in fp32: autograd's log_softmax + kl_div would keep fp32 copies of
-    both [tokens, vocab] tensors for backward; this keeps one gradient in the logits' dtype."""
+    same pass, a chunk of rows at a time in three reused fp32 buffers: autograd's log_softmax + kl_div would
+    keep fp32 copies of both [tokens, vocab] tensors for backward, and fresh temporaries that large cost
+    page faults on every step on the CPU. What is kept is one gradient in the logits' dtype."""
 
     @staticmethod
     def forward(ctx, logits_s, logits_t, T, rows=None):
         s, t = logits_s.flatten(0, -2), logits_t.flatten(0, -2)  # [tokens, vocab]
-        batch, rows = logits_s.shape[0], rows or max(1, 2 ** 22 // s.shape[1])  # chunks of ~16 MB of fp32
+        batch, rows = logits_s.shape[0], min(len(s), rows or max(1, 2 ** 22 // s.shape[1]))  # ~16 MB of fp32
+        log_q, log_p, diff = (torch.empty(rows, s.shape[1], device=s.device) for _ in range(3))
         grad, total = torch.empty_like(s), torch.zeros((), device=s.device)
         for i in range(0, len(s), rows):
-            log_q = F.log_softmax(s[i:i + rows].float() / T, -1)
-            log_p = F.log_softmax(t[i:i + rows].float() / T, -1)
-            p = log_p.exp()
-            total += (p * (log_p - log_q)).sum()
-            grad[i:i + rows] = (log_q.exp() - p) * (T / batch)
-        ctx.save_for_backward(grad.view(logits_s.shape))
+            n = min(rows, len(s) - i)
+            lq, lp, d = log_q[:n].copy_(s[i:i + n]).div_(T), log_p[:n].copy_(t[i:i + n]).div_(T), diff[:n]
+            lq.sub_(lq.logsumexp(-1, keepdim=True))  # log_softmax in place
+            lp.sub_(lp.logsumexp(-1, keepdim=True))
+            torch.sub(lp, lq, out=d)
+            p = lp.exp_()
+            total += torch.dot(p.view(-1), d.view(-1))  # sum of p * (log p - log q)
+            grad[i:i + n] = lq.exp_().sub_(p).mul_(T / batch)
+        ctx.grad = grad.view(logits_s.shape)  # used once: backward scales it in place
         return total * T * T / batch
 
     @staticmethod
-    def backward(ctx, g):  # g: a 0-dim fp32 tensor, applied in fp32 (PyTorch's scalar rule), not rounded to bf16
-        return ctx.saved_tensors[0] * g, None, None, None
+    def backward(ctx, g):  # g: a 0-dim fp32 tensor, applied in fp32 (PyTorch's scalar rule)
+        grad = ctx.grad
+        del ctx.grad  # a second backward through the same graph fails instead of reusing a scaled gradient
+        return grad.mul_(g), None, None, None
 
 
 def distill_loss(logits_s, logits_t, hidden_s, hidden_t, z_hid, temperature, layer_norm="none"):
