@@ -299,6 +299,15 @@ def bench_vs_hf(args):
         for k, (_, _, n) in jobs.items():
             hf_tps, our_tps = (n / statistics.median(t[1:] or t) for t in times[k])  # the first round warms up
             print(f"| {k} | {name} | {hf_tps:,.1f} tok/s | {our_tps:,.1f} | {our_tps / hf_tps:.2f}x |")
+        # the step users get: the command line, its log.jsonl tokens/s (steps 3-8), against hf_tps of the last
+        # row above (HF's KD step)
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "nute.py", "--ckpt", args.ckpt, "--distill", "kd", "--layer-weight", "0", "--seq-len",
+                   "256", "--batch-size", "4", "--dtype", a.dtype, "--steps", "8", "--no-eval", "--out", tmp + "/run"]
+            env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+            subprocess.run(cmd, check=True, env=env, capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+            cli = statistics.median(json.loads(line)["tokens_per_s"] for line in list(open(tmp + "/run/log.jsonl"))[2:])
+        print(f"| KD step through `nute.py` (log.jsonl) | {name} | {hf_tps:,.1f} tok/s | {cli:,.1f} | {cli / hf_tps:.2f}x |")
 
 
 def bench_eval(args):
