@@ -25,7 +25,7 @@ from tqdm import tqdm
 import data
 import hub
 from checkpoint import LoadError, check_device, load, load_adapter, run_base
-from model import decode_one_token, generate, mask_sparsity, prefill
+from model import compile_decoding, decode_one_token, generate, mask_sparsity, prefill
 
 TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 # the paper's table: column name and the metric LLM-Pruner's convention reports in it
@@ -209,7 +209,7 @@ def sync(device):
 
 
 @torch.no_grad()
-def timed_generation(model, prompt, new_tokens, adapter=None):
+def timed_generation(model, prompt, new_tokens, adapter=None, step=decode_one_token):
     """Greedy KV-cached generation, like model.generate -> (prefill seconds, seconds for the rest)."""
     device = model.tok_embeddings.weight.device
     model.setup_cache(1, len(prompt) + new_tokens)
@@ -219,20 +219,21 @@ def timed_generation(model, prompt, new_tokens, adapter=None):
     sync(device)
     t1 = time.perf_counter()
     for i in range(new_tokens - 1):  # the token stays on the device: no sync per token
-        nxt = decode_one_token(model, nxt, len(prompt) + i, adapter).argmax(-1, keepdim=True)
+        nxt = step(model, nxt, len(prompt) + i, adapter).argmax(-1, keepdim=True)
     sync(device)
     return t1 - t0, time.perf_counter() - t1
 
 
-def latency(model, prompt_len=64, gen_len=256, adapter=None, runs=5, warmup=2, seed=0):
-    """Median prefill time and decode speed of generating from a prompt_len-token prompt to gen_len tokens."""
+def latency(model, prompt_len=64, gen_len=256, adapter=None, runs=5, warmup=2, seed=0, step=decode_one_token):
+    """Median prefill time and decode speed of generating from a prompt_len-token prompt to gen_len tokens.
+    step: the one-token step, model.decode_one_token or a compiled one (model.compile_decoding)."""
     if not 0 < prompt_len < gen_len - 1 < model.config.max_seq_len:  # at least 2 new tokens: 1 is decoded
         raise ValueError(f"need 0 < --prompt-len < --gen-len - 1, --gen-len <= {model.config.max_seq_len}")
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(model.config.vocab_size, (prompt_len,), generator=g).tolist()  # content does not matter
     for _ in range(warmup):
-        timed_generation(model, prompt, gen_len - prompt_len, adapter)
-    times = [timed_generation(model, prompt, gen_len - prompt_len, adapter) for _ in range(runs)]
+        timed_generation(model, prompt, gen_len - prompt_len, adapter, step)
+    times = [timed_generation(model, prompt, gen_len - prompt_len, adapter, step) for _ in range(runs)]
     prefill = statistics.median(t[0] for t in times)
     tok_s = (gen_len - prompt_len - 1) / statistics.median(t[1] for t in times)  # the prefill gave the 1st token
     # every decoded token reads all the weights once (the KV cache, small here, is left out)
@@ -352,6 +353,8 @@ def get_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--gen-len", type=int, default=256, help="total length: prompt + generated tokens")
     p.add_argument("--runs", type=int, default=5, help="timed runs for --latency (the median is reported)")
+    p.add_argument("--compile", action="store_true", help="--latency with the decode step torch.compiled "
+                   "(a minute or two per model shape before the first token; the warm-up runs absorb it)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: weights in bf16, like the "
                    "harness's dtype=bfloat16 (faster; README has how close it is)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -402,8 +405,9 @@ def evaluate_model(model, tok, adapter, docs, path, args):
         print(f"{path} {t}: acc {r['tasks'][t]['acc']:.4f} acc_norm {r['tasks'][t]['acc_norm']:.4f} "
               f"({r['tasks'][t]['n']} examples)", file=sys.stderr)
     if args.latency:
-        r["latency"] = latency(model, args.prompt_len, args.gen_len, adapter, args.runs, seed=args.seed)
-        r["latency"]["disk_bytes"] = disk_size(path)
+        step = compile_decoding() if args.compile else decode_one_token
+        r["latency"] = latency(model, args.prompt_len, args.gen_len, adapter, args.runs, seed=args.seed, step=step)
+        r["latency"].update(disk_bytes=disk_size(path), compiled=args.compile)
     r["seconds"] = time.time() - t0
     r["prunable_params"] = prunable_params(model)
     return r

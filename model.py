@@ -120,14 +120,15 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Pre-allocated keys and values of one attention layer (like gpt-fast): [batch, max_len, n_kv, head_dim]."""
 
     def __init__(self, batch, max_len, n_kv, head_dim, dtype, device):
-        super().__init__()
         shape = (batch, max_len, n_kv, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        for t in (self.k, self.v):  # one compiled decode step (compile_decoding) for every cache length
+            torch._dynamo.mark_dynamic(t, 1)
 
     def update(self, start_pos, k, v):
         """Writes this step's k, v [B, T, n_kv, head_dim] at start_pos -> all keys and values so far."""
@@ -315,6 +316,13 @@ def decode_one_token(model, token, pos, adapter=None):
     return model(token, adapter, start_pos=pos)[:, -1]
 
 
+def compile_decoding(step=decode_one_token):
+    """torch.compile the one-token step, as gpt-fast does: the small ops between the matrix products (norms,
+    RoPE, SiLU, residual adds) fuse and Python's cost per op goes. One compile (a minute or two on a CPU) serves
+    every position and cache length; a model of other shapes compiles again. Pass the result as `step=`."""
+    return torch.compile(step, dynamic=True)
+
+
 def sample(logits, temperature=0.0):
     """logits [B, vocab] -> next token [B, 1], left on the device (no sync per token)."""
     if temperature == 0:
@@ -323,8 +331,8 @@ def sample(logits, temperature=0.0):
 
 
 @torch.no_grad()
-def generate(model, prompt, max_new_tokens, adapter=None, temperature=0.0, eos_id=None):
-    """prompt: list of token ids -> list of new ids (batch 1)."""
+def generate(model, prompt, max_new_tokens, adapter=None, temperature=0.0, eos_id=None, step=decode_one_token):
+    """prompt: list of token ids -> list of new ids (batch 1). step: decode_one_token or compile_decoding()."""
     device = model.tok_embeddings.weight.device
     model.setup_cache(1, len(prompt) + max_new_tokens)
     logits = prefill(model, torch.tensor([prompt], device=device), adapter)
@@ -333,7 +341,7 @@ def generate(model, prompt, max_new_tokens, adapter=None, temperature=0.0, eos_i
         out.append(int(sample(logits.float(), temperature)))
         if out[-1] == eos_id or i == max_new_tokens - 1:
             break
-        logits = decode_one_token(model, torch.tensor([[out[-1]]], device=device), len(prompt) + i, adapter)
+        logits = step(model, torch.tensor([[out[-1]]], device=device), len(prompt) + i, adapter)
     return out
 
 

@@ -448,6 +448,26 @@ def test_generate_greedy_equals_argmax_of_full_forwards(kind):
         assert generate(m, [7], 3, adapter) == greedy_by_full_forward(m, [7], 3, adapter)  # one-token prompt
 
 
+@pytest.mark.parametrize("kind", ["masked", "uneven"])
+def test_compiled_decoding_equals_eager_and_compiles_once(kind, monkeypatch):
+    """model.compile_decoding (evaluate.py --compile): the same greedy tokens and decode logits as the eager step,
+    and one compiled graph for every position and cache length (a recompile would raise here)."""
+    config = tiny_config(**(UNEVEN if kind == "uneven" else {}))  # uneven: an export's shapes
+    m = make_model(config, seed=4)
+    adapter = {**soft_masks(config), **lora_adapter(m)} if kind == "masked" else None
+    step = M.compile_decoding()
+    with torch.no_grad():
+        assert generate(m, [3, 17, 5], 6, adapter, step=step) == generate(m, [3, 17, 5], 6, adapter)
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        prompt = [3, 17, 5, 41, 8, 2, 9]  # another prompt length and cache length
+        assert generate(m, prompt, 9, adapter, step=step) == greedy_by_full_forward(m, prompt, 9, adapter)
+        m.setup_cache(1, 20)
+        M.prefill(m, torch.tensor([prompt]), adapter)
+        token = torch.tensor([[11]])
+        torch.testing.assert_close(step(m, token, 7, adapter), M.decode_one_token(m, token, 7, adapter),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_generate_with_temperature_samples_valid_tokens():
     config = tiny_config()
     m = make_model(config)
