@@ -171,6 +171,8 @@ class Attention(nn.Module):
         k = linear(x, self.wk.weight, adapter, name + "wk").view(B, T, self.n_kv, self.head_dim)
         v = linear(x, self.wv.weight, adapter, name + "wv").view(B, T, self.n_kv, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if not self.uniform_gqa:  # each query head reads its own kv head, copied before it enters the cache:
+            k, v = k.index_select(2, self.kv_index), v.index_select(2, self.kv_index)  # O(1) per decoded token
         mask, causal = None, True
         if start_pos is not None:  # KV cache: attend over everything so far
             k, v = self.kv_cache.update(start_pos, k, v)
@@ -178,8 +180,6 @@ class Attention(nn.Module):
                 causal = False
                 if T > 1:
                     mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
-        if not self.uniform_gqa:  # each query head reads its own kv head
-            k, v = k.index_select(2, self.kv_index), v.index_select(2, self.kv_index)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                            is_causal=causal and T > 1, enable_gqa=self.uniform_gqa)
         return y.transpose(1, 2)
@@ -275,9 +275,9 @@ class Transformer(nn.Module):
         """Pre-allocates a KVCache in every attention layer, in the model's dtype and device."""
         w = self.tok_embeddings.weight
         for layer in self.layers:
-            if layer.attention is not None:
-                layer.attention.kv_cache = KVCache(batch, max_len or self.config.max_seq_len, layer.attention.n_kv,
-                                                   self.config.head_dim, w.dtype, w.device)
+            if (a := layer.attention) is not None:  # uneven groups (a pruned layer) keep a kv head per query head
+                a.kv_cache = KVCache(batch, max_len or self.config.max_seq_len, a.n_kv if a.uniform_gqa else a.n_heads,
+                                     self.config.head_dim, w.dtype, w.device)
 
     def reorder_cache(self, index):
         for layer in self.layers:
