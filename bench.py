@@ -3,6 +3,7 @@
     python bench.py model     # forward tokens/s fp32 vs bf16; decode tokens/s with vs without the KV cache
     python bench.py train     # paper Table 9: per-step time and peak memory of no-KD, KD, PKD, PKD + layer loss
     python bench.py export    # decode speed of models pruned to 20% / 50% against the weight-bytes limit
+    python bench.py export --run runs/x   # the same for a run's export: sliced, and padded as nute.py pads it
     python bench.py eval      # zero-shot scoring: batched (shared contexts) vs one request per forward
     python bench.py layers --run runs/x   # the layer loss (Eq. 6) per layer, plain and --layer-norm teacher
     python bench.py plan      # memory (and CPU time) of the paper's step for LLaMA-7B / 13B / 70B shapes
@@ -27,7 +28,7 @@ import evaluate
 import model
 import checkpoint
 import nute
-from checkpoint import load
+from checkpoint import load, load_adapter
 
 
 def timed(fn, repeat):
@@ -148,8 +149,13 @@ def bench_export(args):
           "| speed-up | bytes ratio | of bytes ratio |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
         dense, _ = load(args.ckpt, dtype=dtype)
-        models = {"dense": dense, **{f"{t:.0%} pruned": model.slice_model(dense, structured_masks(dense.config, t))
-                                      for t in (0.2, 0.5)}}
+        if args.run:  # a real run's masks, exported as sliced and in the shapes nute.py pads them to
+            small = model.slice_model(dense, load_adapter(args.run[0], dense))
+            models = {"dense": dense, "run, sliced": small, "run, fixed GQA": model.pad_model(small, 1),
+                      "run, fixed GQA, widths of 32": model.pad_model(small, 32)}
+        else:
+            models = {"dense": dense, **{f"{t:.0%} pruned": model.slice_model(dense, structured_masks(dense.config, t))
+                                          for t in (0.2, 0.5)}}
         # Interleaved rounds, median per model: this machine's speed drifts, and drift must not look like a ratio.
         speeds = {name: [] for name in models}
         for i in range(args.rounds + 1):  # round 0 warms up (and compiles)
@@ -435,8 +441,9 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="train: timed steps per configuration")
     p.add_argument("--rounds", type=int, default=7, help="export, llama-cpp: interleaved timing rounds per model")
     p.add_argument("--compile", action="store_true", help="export: time the torch.compiled decode step")
-    p.add_argument("--run", action="append", help="layers: a nute.py run whose masks the student uses; llama-cpp: "
-                   "pruned runs to time against the dense model (repeatable; default: first units kept, 20% and 50%)")
+    p.add_argument("--run", action="append", help="layers: a nute.py run whose masks the student uses; export: a run "
+                   "whose export to time; llama-cpp: pruned runs to time against the dense model (repeatable; "
+                   "default: first units kept, 20% and 50%)")
     p.add_argument("--types", default="F32,Q8_0", help="llama-cpp: GGUF tensor types to compare in")
     p.add_argument("--ppl-chunks", type=int, default=64, help="llama-cpp: held-out chunks of 128 tokens for perplexity")
     p.add_argument("--shapes", default=",".join(SHAPES), help="plan: which of " + ", ".join(SHAPES))

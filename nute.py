@@ -31,7 +31,8 @@ import evaluate
 import hub
 from checkpoint import (LoadError, check_device, check_finite, check_run_folder, load, load_adapter, load_run_state,
                         open_run, save, save_adapter, save_gguf, save_run_state)
-from model import LORA_TARGETS, MASKS, build, expected_size, mask_shapes, mask_sparsity, prunable_size, slice_model
+from model import (LORA_TARGETS, MASKS, build, expected_size, mask_shapes, mask_sparsity, pad_model, prunable_size,
+                   slice_model)
 
 # ----------------------------------------------------------------------------------------------------
 # Hard-concrete L0 masks (Louizos et al. 2017; paper Appendix A, Eq. 10)
@@ -666,7 +667,10 @@ def main(argv=None):
         return
     model, tok, adapter = result
     out = Path(args.out)
-    small = slice_model(model, adapter).to(DTYPES[args.export_dtype or args.dtype])
+    dtype = DTYPES[args.export_dtype or args.dtype]
+    # zero units (exact) for shapes that decode faster here: every layer in the fixed GQA layout (SDPA reads the
+    # kv heads in place), and in 16 bits widths in multiples of 32 (README, "Pruned vs dense decoding")
+    small = pad_model(slice_model(model, adapter), 1 if dtype == torch.float32 else 32).to(dtype)
     save(small, tok, out / "model")
     if args.gguf:  # for llama.cpp (checkpoint.py writes one from any finished run too)
         save_gguf(small, tok, out / "model.gguf", args.gguf)
