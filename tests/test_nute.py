@@ -597,6 +597,26 @@ def test_magnitude_run_trains_lora_with_fixed_masks(tiny, tmp_path):
     assert adapter["layers.0.attention.wq.lora_B"].abs().sum() > 0  # LoRA learned
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_export_in_padded_shapes_equals_the_masked_model(tiny, tmp_path, dtype):
+    """nute.py's export: every layer in the fixed GQA layout, and in bf16 every width a multiple of 32 (zero
+    units), computing what the masked model computes."""
+    out = tmp_path / "r"
+    nute.main(["--ckpt", str(tiny[0]), "--data", str(tiny[1]), "--out", str(out), "--seq-len", "32", "--batch-size",
+               "2", "--dtype", "fp32", "--export-dtype", dtype, "--target", "0.4", "--steps", "3", "--no-eval"])
+    small, _ = checkpoint.load(str(out / "model"), dtype=torch.float32)
+    m, _ = checkpoint.load(str(tiny[0]))
+    adapter = checkpoint.load_adapter(str(out), m)
+    c = small.config
+    assert all(layer.attention is None or layer.attention.uniform_gqa for layer in small.layers)
+    if dtype == "bf16":
+        assert c.dim % 32 == 0 and all(n % 32 == 0 for n in c.ffn_dims) and c.dim > (adapter["z_hid"] > 0).sum()
+    x = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(0))
+    want = m(x, adapter)
+    tol = 1e-4 if dtype == "fp32" else 3e-2
+    torch.testing.assert_close(small(x), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
 def test_export_dtype_and_a_like_for_like_report(tiny, tmp_path, monkeypatch):
     """--export-dtype fp32 after a bf16 run: model/ holds fp32 weights, and the end-of-run report times and
     sizes the intact model in fp32 too (not as the file it was loaded from)."""
