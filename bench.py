@@ -259,7 +259,8 @@ def bench_vs_hf(args):
         sys.exit("transformers and peft are not installed (optional peers): pip install transformers peft")
     print(f"SmolLM2-135M, {torch.get_num_threads()} threads, transformers {transformers.__version__}, peft "
           f"{peft.__version__}; {args.rounds} interleaved rounds, medians\n")
-    print("| what | dtype | Hugging Face | nute | nute / HF |\n|---|---|---|---|---|")
+    if not args.profile:
+        print("| what | dtype | Hugging Face | nute | nute / HF |\n|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
         ours, tok = load(args.ckpt, dtype=dtype)
         with tempfile.TemporaryDirectory() as tmp:
@@ -299,6 +300,13 @@ def bench_vs_hf(args):
             "KD step, LoRA q,v r8, 4 x 256": (
                 hf_kd_step, lambda: nute.train_step(next(steps), ours, batches, student, lambdas, opts, queue, g, a),
                 x.numel())}
+        if args.profile:  # where the KD steps' time goes instead of the table: self CPU time per op
+            for who, f in (("Hugging Face", hf_kd_step), ("nute", jobs["KD step, LoRA q,v r8, 4 x 256"][1])):
+                f()  # warm-up
+                with torch.profiler.profile() as prof:
+                    f()
+                print(f"\nKD step, {who}, {name}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=6))
+            continue
         times = {k: ([], []) for k in jobs}
         for _ in range(args.rounds):
             for k, (f_hf, f_ours, _) in jobs.items():
@@ -441,6 +449,7 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="train: timed steps per configuration")
     p.add_argument("--rounds", type=int, default=7, help="export, llama-cpp: interleaved timing rounds per model")
     p.add_argument("--compile", action="store_true", help="export: time the torch.compiled decode step")
+    p.add_argument("--profile", action="store_true", help="vs-hf: torch.profiler's top ops of both KD steps, no table")
     p.add_argument("--run", action="append", help="layers: a nute.py run whose masks the student uses; export: a run "
                    "whose export to time; llama-cpp: pruned runs to time against the dense model (repeatable; "
                    "default: first units kept, 20% and 50%)")
