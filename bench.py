@@ -161,7 +161,8 @@ def bench_export(args):
         for i in range(args.rounds + 1):  # round 0 warms up (and compiles)
             for name, m in models.items():
                 tps = evaluate.latency(m, prompt_len=64, gen_len=256, runs=1, warmup=0, step=step)["decode_tok_s"]
-                speeds[name] += [tps] if i else []
+                if i:
+                    speeds[name].append(tps)
         base = None
         for name, m in models.items():
             tps, nbytes = statistics.median(speeds[name]), weight_bytes_per_token(m)
@@ -289,7 +290,7 @@ def bench_vs_hf(args):
             kl.backward()
             opt_hf.step()
             opt_hf.zero_grad()
-        steps, compiled = iter(range(10**6)), model.compile_decoding()
+        steps, compiled, KD = iter(range(10**6)), model.compile_decoding(), "KD step, LoRA q,v r8, 4 x 256"
         def hf_generate():
             hf.generate(torch.tensor([prompt]), max_new_tokens=192, min_new_tokens=192, do_sample=False)
         jobs = {  # what: (HF, ours, tokens per call)
@@ -297,11 +298,10 @@ def bench_vs_hf(args):
             "greedy decode 64 -> 256 (with prefill)": (hf_generate, lambda: model.generate(ours, prompt, 192), 192),
             "same, our decode step compiled (`evaluate.py --compile`)": (
                 hf_generate, lambda: model.generate(ours, prompt, 192, step=compiled), 192),
-            "KD step, LoRA q,v r8, 4 x 256": (
-                hf_kd_step, lambda: nute.train_step(next(steps), ours, batches, student, lambdas, opts, queue, g, a),
+            KD: (hf_kd_step, lambda: nute.train_step(next(steps), ours, batches, student, lambdas, opts, queue, g, a),
                 x.numel())}
         if args.profile:  # where the KD steps' time goes instead of the table: self CPU time per op
-            for who, f in (("Hugging Face", hf_kd_step), ("nute", jobs["KD step, LoRA q,v r8, 4 x 256"][1])):
+            for who, f in (("Hugging Face", hf_kd_step), ("nute", jobs[KD][1])):
                 f()  # warm-up
                 with torch.profiler.profile() as prof:
                     f()
@@ -319,7 +319,7 @@ def bench_vs_hf(args):
         for k, (hf_tps, our_tps) in tps.items():
             print(f"| {k} | {name} | {hf_tps:,.1f} tok/s | {our_tps:,.1f} | {our_tps / hf_tps:.2f}x |")
         # the step users get: the command line, its log.jsonl tokens/s (steps 3-8), against HF's KD step above
-        hf_kd = tps["KD step, LoRA q,v r8, 4 x 256"][0]
+        hf_kd = tps[KD][0]
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, "nute.py", "--ckpt", args.ckpt, "--distill", "kd", "--layer-weight", "0", "--seq-len",
                    "256", "--batch-size", "4", "--dtype", a.dtype, "--steps", "8", "--no-eval", "--out", tmp + "/run"]
