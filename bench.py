@@ -1,5 +1,6 @@
 """Benchmarks that print tables (never timed tests). Each row is measured side by side in one run.
 
+    python bench.py gemm      # GFLOP/s of fp32, bf16 and bf16-as-fp32 products by rows (model.FP32_ROWS)
     python bench.py model     # forward tokens/s fp32 vs bf16; decode tokens/s with vs without the KV cache
     python bench.py train     # paper Table 9: per-step time and peak memory of no-KD, KD, PKD, PKD + layer loss
     python bench.py export    # decode speed of models pruned to 20% / 50% against the weight-bytes limit
@@ -39,6 +40,30 @@ def timed(fn, repeat):
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def bench_gemm(args):
+    """SmolLM2's products (576 -> 1536 and the 49,152-entry head) and its causal attention at 1 .. 1024 rows:
+    fp32, PyTorch's bf16 kernel, and bf16 operands multiplied in fp32 as model.base_linear does from
+    model.FP32_ROWS rows on (the weight cast included)."""
+    import torch.nn.functional as F
+    print(f"{torch.get_num_threads()} threads, AMX: {torch.cpu._is_amx_tile_supported()}\n\n"
+          "| product | rows | fp32 GFLOP/s | bf16 GFLOP/s | bf16 in fp32 GFLOP/s | bf16 in fp32 / bf16 |\n|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((1536, 576), (49152, 576)):
+        w = torch.randn(n, k, generator=g)
+        for rows in (1, 4, 16, 32, 64, 256, 1024):
+            x = torch.randn(rows, k, generator=g)
+            xb, wb, flops = x.bfloat16(), w.bfloat16(), 2 * rows * n * k / 1e9
+            t = [timed(f, 5) for f in (lambda: F.linear(x, w), lambda: F.linear(xb, wb),
+                                       lambda: F.linear(xb.float(), wb.float()).bfloat16())]
+            print(f"| {k} -> {n} | {rows} | {flops / t[0]:.1f} | {flops / t[1]:.1f} | {flops / t[2]:.1f} | {t[1] / t[2]:.2f}x |")
+    q, k, v = (torch.randn(4, 9, 256, 64, generator=g) for _ in range(3))
+    f = lambda *a: torch.nn.functional.scaled_dot_product_attention(*a, is_causal=True)
+    t = [timed(lambda: f(q, k, v), 5), timed(lambda: f(q.bfloat16(), k.bfloat16(), v.bfloat16()), 5),
+         timed(lambda: f(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float()).bfloat16(), 5)]
+    flops = 4 * 4 * 9 * 256 * 256 * 64 / 2 / 1e9  # QK^T and PV, causal half
+    print(f"| attention 4 x 9 heads x 256 | 1024 | {flops / t[0]:.1f} | {flops / t[1]:.1f} | {flops / t[2]:.1f} | {t[1] / t[2]:.2f}x |")
 
 
 def bench_model(args):
@@ -407,6 +432,7 @@ def bench_plan(args):
     """Memory of the paper's step (4 x 512, bf16) per layer, extrapolated to the full depth; CPU time of the
     step for the first shape (the others scale with their weights per layer)."""
     B, T, gb = 4, 512, 2**30
+    model.CPU_16BIT_SLOW = False  # the GPU's case: 16-bit kernels, no fp32 copies kept for backward
     print(f"batch {B} x {T}, bf16, LoRA r8 on q,v, PKD with the layer loss; measured on this CPU "
           f"({torch.get_num_threads()} threads)\n")
     print("| model | weights (GB) | activations per layer (MB) | + checkpointing | other activations (GB) | "
@@ -443,7 +469,7 @@ def bench_plan(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["model", "train", "export", "eval", "layers", "plan", "llama-cpp", "vs-hf"])
+    p.add_argument("what", choices=["gemm", "model", "train", "export", "eval", "layers", "plan", "llama-cpp", "vs-hf"])
     p.add_argument("--ckpt", default=str(data.default_model_path()))
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--steps", type=int, default=5, help="train: timed steps per configuration")
@@ -463,6 +489,8 @@ def main():
     torch.manual_seed(0)
     if args.one:
         one_config(args)
+    elif args.what == "gemm":
+        bench_gemm(args)
     elif args.what == "model":
         bench_model(args)
     elif args.what == "train":

@@ -87,9 +87,43 @@ def mask_sparsity(z, config):
 # ----------------------------------------------------------------------------------------------------
 # The network
 
+# PyTorch's 16-bit GEMMs run 2-5x slower than its fp32 GEMM on CPUs without AMX (`python bench.py gemm`),
+# so from this many rows on a CPU multiplies bf16 / fp16 operands in fp32. Their products are exact in
+# fp32 and the 16-bit kernels accumulate in fp32 too: only the order of the sums differs. Below it (decoding
+# one token) casting the weight costs more than it saves; AMX CPUs and GPUs keep the 16-bit kernels.
+FP32_ROWS = 64
+CPU_16BIT_SLOW = not torch.cpu._is_amx_tile_supported()
+
+
+def in_fp32(x):
+    """Whether a product with these activations [..., in] runs in fp32 (see FP32_ROWS)."""
+    return (CPU_16BIT_SLOW and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+            and x.numel() >= FP32_ROWS * x.shape[-1])
+
+
+class Fp32Linear(torch.autograd.Function):
+    """y = x W^T for a 16-bit x and a frozen 16-bit W, multiplied in fp32. Autograd through
+    F.linear(x.float(), W.float()) would keep the fp32 copy of W for backward; this keeps W and casts again."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(weight)
+        return F.linear(x.float(), weight.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):  # g [..., out] -> dL/dx [..., in]; no gradient for the frozen weight
+        (weight,) = ctx.saved_tensors
+        return (g.float() @ weight.float()).to(g.dtype), None
+
+
+def base_linear(x, weight):
+    """y = x W^T, in fp32 where the CPU's 16-bit kernel is slow (a frozen weight only)."""
+    return Fp32Linear.apply(x, weight) if in_fp32(x) and not weight.requires_grad else F.linear(x, weight)
+
+
 def linear(x, weight, adapter, name):
     """y = W x, plus the LoRA branch B A x * scale when the adapter has one for this weight (Eq. 4)."""
-    y = F.linear(x, weight)
+    y = base_linear(x, weight)
     A = adapter.get(name + ".lora_A")  # [r, in]
     if A is not None:
         y = y + F.linear(F.linear(x, A.to(x.dtype)), adapter[name + ".lora_B"].to(x.dtype)) * adapter["lora_scale"]
@@ -180,9 +214,12 @@ class Attention(nn.Module):
                 causal = False
                 if T > 1:
                     mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
+        dtype = q.dtype
+        if in_fp32(x):  # like the projections: PyTorch's 16-bit attention kernel is ~2x slower here
+            q, k, v = q.float(), k.float(), v.float()
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                            is_causal=causal and T > 1, enable_gqa=self.uniform_gqa)
-        return y.transpose(1, 2)
+        return y.transpose(1, 2).to(dtype)
 
 
 class FeedForward(nn.Module):
@@ -268,7 +305,7 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, adapter, i, start_pos)
             hidden.append(h)
         h = hidden[-1] = self.norm(h)  # [B, T, dim]
-        logits = F.linear(h, self.tok_embeddings.weight if self.output is None else self.output.weight)
+        logits = base_linear(h, self.tok_embeddings.weight if self.output is None else self.output.weight)
         return (logits, hidden) if return_hidden else logits
 
     def setup_cache(self, batch, max_len=None):

@@ -353,6 +353,47 @@ def test_gradients_reach_lora_and_masks_not_the_base_weights():
     assert all(p.grad is None for p in m.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_products_on_the_cpu_are_float64_products_rounded(dtype, monkeypatch):
+    """From FP32_ROWS rows on, a CPU without AMX multiplies 16-bit operands in fp32 (model.base_linear): the
+    output and the input's gradient are the float64 products rounded to 16 bits (half an ulp, plus fp32's
+    summation error), the frozen weight gets no gradient, and one row (decoding) keeps the 16-bit kernel."""
+    monkeypatch.setattr(M, "CPU_16BIT_SLOW", True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, M.FP32_ROWS // 2, 96, generator=g).to(dtype).requires_grad_()
+    w, gy = torch.randn(160, 96, generator=g).to(dtype), torch.randn(2, M.FP32_ROWS // 2, 160, generator=g).to(dtype)
+    y = M.base_linear(x, w)
+    y.backward(gy)
+    assert y.dtype == x.grad.dtype == dtype and type(y.grad_fn).__name__ == "Fp32LinearBackward" and w.grad is None
+    eps = torch.finfo(dtype).eps
+    for got, want in ((y, x.double() @ w.double().T), (x.grad, gy.double() @ w.double())):
+        assert ((got.double() - want).abs() <= want.abs() * eps / 2 + 1e-5).all()
+    assert type(M.base_linear(x[:1, :1], w).grad_fn).__name__ != "Fp32LinearBackward"
+
+
+def test_16bit_training_step_in_fp32_products_is_as_accurate_as_the_16bit_kernels(monkeypatch):
+    """A bf16 forward and backward (masks and LoRA, 2 x 32 tokens) with the fp32 products and with PyTorch's
+    bf16 kernels, each against float64 on the same weights: the logits and every mask's and LoRA's gradient
+    are as close as the bf16 kernels' (both are ~5-10% off on this tiny random model; a wiring error is ~100%)."""
+    config = tiny_config()
+    m, tok = make_model(config, dtype=torch.bfloat16), tokens_for(config, T=M.FP32_ROWS)
+    m64 = M.build(config, {k: v.double() for k, v in m.state_dict().items()})
+    init = {**soft_masks(config, dtype=torch.bfloat16), **lora_adapter(m, dtype=torch.bfloat16)}
+
+    def run(model, slow):
+        monkeypatch.setattr(M, "CPU_16BIT_SLOW", slow)
+        dtype = model.tok_embeddings.weight.dtype
+        adapter = {k: (v.to(dtype).requires_grad_() if torch.is_tensor(v) else v) for k, v in init.items()}
+        logits = model(tok, adapter)
+        F.cross_entropy(logits.flatten(0, 1).double(), tok.roll(-1, 1).flatten()).backward()
+        return {"logits": logits.detach(), **{k: v.grad for k, v in adapter.items() if torch.is_tensor(v)}}
+
+    ref, fp32, bf16 = run(m64, False), run(m, True), run(m, False)
+    err = lambda out, k: ((out[k].double() - ref[k]).abs().max() / ref[k].abs().max()).item()
+    for k in ref:
+        assert err(fp32, k) <= 1.5 * err(bf16, k) + 0.01, (k, err(fp32, k), err(bf16, k))
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     """--grad-checkpoint recomputes each block in backward: the same masks' and LoRA's gradients (float64;
     the recomputation repeats the same ops, so they agree to rounding), and only where a graph is built."""
