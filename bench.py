@@ -43,27 +43,41 @@ def timed(fn, repeat):
 
 
 def bench_gemm(args):
-    """SmolLM2's products (576 -> 1536 and the 49,152-entry head) and its causal attention at 1 .. 1024 rows:
-    fp32, PyTorch's bf16 kernel, and bf16 operands multiplied in fp32 as model.base_linear does from
-    model.FP32_ROWS rows on (the weight cast included)."""
+    """SmolLM2's products (576 -> 1536 and the 49,152-entry head) at 1 .. 1024 rows, and its causal attention
+    forward + backward at 4 x 256 tokens: fp32, PyTorch's bf16 kernels, and bf16 operands in fp32 as the
+    model does from model.FP32_ROWS rows on (casts included). Interleaved rounds, medians."""
     import torch.nn.functional as F
-    print(f"{torch.get_num_threads()} threads, AMX: {torch.cpu._is_amx_tile_supported()}\n\n"
-          "| product | rows | fp32 GFLOP/s | bf16 GFLOP/s | bf16 in fp32 GFLOP/s | bf16 in fp32 / bf16 |\n|---|---|---|---|---|---|")
+
+    def side_by_side(*fns):
+        times = [[] for _ in fns]
+        for _ in range(args.rounds + 1):  # round 0 warms up
+            for t, f in zip(times, fns):
+                t0 = time.perf_counter()
+                f()
+                t.append(time.perf_counter() - t0)
+        return [statistics.median(t[1:]) for t in times]
+    print(f"{torch.get_num_threads()} threads, AMX: {torch.cpu._is_amx_tile_supported()}, {args.rounds} rounds\n\n"
+          "| what | rows | fp32 GFLOP/s | bf16 GFLOP/s | bf16 in fp32 GFLOP/s | bf16 in fp32 / bf16 |\n|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for n, k in ((1536, 576), (49152, 576)):
         w = torch.randn(n, k, generator=g)
         for rows in (1, 4, 16, 32, 64, 256, 1024):
             x = torch.randn(rows, k, generator=g)
             xb, wb, flops = x.bfloat16(), w.bfloat16(), 2 * rows * n * k / 1e9
-            t = [timed(f, 5) for f in (lambda: F.linear(x, w), lambda: F.linear(xb, wb),
-                                       lambda: F.linear(xb.float(), wb.float()).bfloat16())]
-            print(f"| {k} -> {n} | {rows} | {flops / t[0]:.1f} | {flops / t[1]:.1f} | {flops / t[2]:.1f} | {t[1] / t[2]:.2f}x |")
-    q, k, v = (torch.randn(4, 9, 256, 64, generator=g) for _ in range(3))
-    f = lambda *a: torch.nn.functional.scaled_dot_product_attention(*a, is_causal=True)
-    t = [timed(lambda: f(q, k, v), 5), timed(lambda: f(q.bfloat16(), k.bfloat16(), v.bfloat16()), 5),
-         timed(lambda: f(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float()).bfloat16(), 5)]
-    flops = 4 * 4 * 9 * 256 * 256 * 64 / 2 / 1e9  # QK^T and PV, causal half
-    print(f"| attention 4 x 9 heads x 256 | 1024 | {flops / t[0]:.1f} | {flops / t[1]:.1f} | {flops / t[2]:.1f} | {t[1] / t[2]:.2f}x |")
+            t = side_by_side(lambda: F.linear(x, w), lambda: F.linear(xb, wb),
+                             lambda: F.linear(xb.float(), wb.float()).bfloat16())
+            print(f"| product {k} -> {n} | {rows} | {flops / t[0]:.1f} | {flops / t[1]:.1f} | {flops / t[2]:.1f} | "
+                  f"{t[1] / t[2]:.2f}x |")
+    qkv = [torch.randn(4, 9, 256, 64, generator=g) for _ in range(3)]
+
+    def attention(dtype, compute):
+        q, k, v = (t.to(dtype).requires_grad_() for t in qkv)
+        F.scaled_dot_product_attention(q.to(compute), k.to(compute), v.to(compute), is_causal=True).sum().backward()
+    t = side_by_side(lambda: attention(torch.float32, torch.float32), lambda: attention(torch.bfloat16, torch.bfloat16),
+                     lambda: attention(torch.bfloat16, torch.float32))
+    flops = 3 * 4 * 4 * 9 * 256 * 256 * 64 / 2 / 1e9  # QK^T and PV over the causal half; backward ~2x forward
+    print(f"| attention forward + backward, 4 x 9 heads x 256 | 1024 | {flops / t[0]:.1f} | {flops / t[1]:.1f} | "
+          f"{flops / t[2]:.1f} | {t[1] / t[2]:.2f}x |")
 
 
 def bench_model(args):
@@ -473,7 +487,7 @@ def main():
     p.add_argument("--ckpt", default=str(data.default_model_path()))
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--steps", type=int, default=5, help="train: timed steps per configuration")
-    p.add_argument("--rounds", type=int, default=7, help="export, llama-cpp: interleaved timing rounds per model")
+    p.add_argument("--rounds", type=int, default=7, help="export, llama-cpp, gemm: interleaved timing rounds")
     p.add_argument("--compile", action="store_true", help="export: time the torch.compiled decode step")
     p.add_argument("--profile", action="store_true", help="vs-hf: torch.profiler's top ops of both KD steps, no table")
     p.add_argument("--run", action="append", help="layers: a nute.py run whose masks the student uses; export: a run "
