@@ -56,7 +56,8 @@ def bench_gemm(args):
                 f()
                 t.append(time.perf_counter() - t0)
         return [statistics.median(t[1:]) for t in times]
-    print(f"{torch.get_num_threads()} threads, AMX: {torch.cpu._is_amx_tile_supported()}, {args.rounds} rounds\n\n"
+    print(f"{torch.get_num_threads()} threads, AVX512-BF16: {torch.cpu._is_avx512_bf16_supported()} (the model multiplies "
+          f"bf16 in fp32 from {model.FP32_ROWS} rows: {model.SLOW_16BIT[torch.bfloat16]}), {args.rounds} rounds\n\n"
           "| what | rows | fp32 GFLOP/s | bf16 GFLOP/s | bf16 in fp32 GFLOP/s | bf16 in fp32 / bf16 |\n|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for n, k in ((1536, 576), (49152, 576)):
@@ -298,7 +299,8 @@ def bench_vs_hf(args):
     except ImportError:
         sys.exit("transformers and peft are not installed (optional peers): pip install transformers peft")
     print(f"SmolLM2-135M, {torch.get_num_threads()} threads, transformers {transformers.__version__}, peft "
-          f"{peft.__version__}; {args.rounds} interleaved rounds, medians\n")
+          f"{peft.__version__}; {args.rounds} interleaved rounds, medians; bf16 products in fp32 from "
+          f"{model.FP32_ROWS} rows (model.SLOW_16BIT): {model.SLOW_16BIT[torch.bfloat16]}\n")
     if not args.profile:
         print("| what | dtype | Hugging Face | nute | nute / HF |\n|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
@@ -446,7 +448,7 @@ def bench_plan(args):
     """Memory of the paper's step (4 x 512, bf16) per layer, extrapolated to the full depth; CPU time of the
     step for the first shape (the others scale with their weights per layer)."""
     B, T, gb = 4, 512, 2**30
-    model.CPU_16BIT_SLOW = False  # the GPU's case: 16-bit kernels, no fp32 copies kept for backward
+    model.SLOW_16BIT = {}  # the GPU's case: 16-bit kernels, no fp32 copies kept for backward
     print(f"batch {B} x {T}, bf16, LoRA r8 on q,v, PKD with the layer loss; measured on this CPU "
           f"({torch.get_num_threads()} threads)\n")
     print("| model | weights (GB) | activations per layer (MB) | + checkpointing | other activations (GB) | "

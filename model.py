@@ -87,18 +87,20 @@ def mask_sparsity(z, config):
 # ----------------------------------------------------------------------------------------------------
 # The network
 
-# PyTorch's 16-bit GEMMs run 2-5x slower than its fp32 GEMM on CPUs without AMX (`python bench.py gemm`),
-# so from this many rows on a CPU multiplies bf16 / fp16 operands in fp32. Their products are exact in
-# fp32 and the 16-bit kernels accumulate in fp32 too: only the order of the sums differs. Below it (decoding
-# one token) casting the weight costs more than it saves; AMX CPUs and GPUs keep the 16-bit kernels.
+# On an x86 CPU without AVX512-BF16, PyTorch's bf16 matrix products and attention run 2-6x slower than its
+# fp32 ones (`python bench.py gemm`), fp16 likewise without AMX-FP16; so from FP32_ROWS rows on such a CPU
+# multiplies 16-bit operands in fp32. Their products are exact in fp32 and the 16-bit kernels accumulate in
+# fp32 too: only the order of the sums differs. Below it (decoding one token) casting the weight costs more
+# than it saves. CPUs with the instructions (there bf16 runs ~1.9x faster than fp32) and GPUs keep the
+# 16-bit kernels.
 FP32_ROWS = 64
-CPU_16BIT_SLOW = not torch.cpu._is_amx_tile_supported()
+SLOW_16BIT = {torch.bfloat16: not torch.cpu._is_avx512_bf16_supported(),
+              torch.float16: not torch.cpu._is_amx_fp16_supported()}
 
 
 def in_fp32(x):
     """Whether a product with these activations [..., in] runs in fp32 (see FP32_ROWS)."""
-    return (CPU_16BIT_SLOW and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-            and x.numel() >= FP32_ROWS * x.shape[-1])
+    return x.device.type == "cpu" and SLOW_16BIT.get(x.dtype, False) and x.numel() >= FP32_ROWS * x.shape[-1]
 
 
 class Fp32Linear(torch.autograd.Function):

@@ -355,10 +355,10 @@ def test_gradients_reach_lora_and_masks_not_the_base_weights():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_products_on_the_cpu_are_float64_products_rounded(dtype, monkeypatch):
-    """From FP32_ROWS rows on, a CPU without AMX multiplies 16-bit operands in fp32 (model.base_linear): the
+    """From FP32_ROWS rows on, a CPU without the 16-bit instructions multiplies 16-bit operands in fp32 (model.base_linear): the
     output and the input's gradient are the float64 products rounded to 16 bits (half an ulp, plus fp32's
     summation error), the frozen weight gets no gradient, and one row (decoding) keeps the 16-bit kernel."""
-    monkeypatch.setattr(M, "CPU_16BIT_SLOW", True)
+    monkeypatch.setattr(M, "SLOW_16BIT", {dtype: True})
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, M.FP32_ROWS // 2, 96, generator=g).to(dtype).requires_grad_()
     w, gy = torch.randn(160, 96, generator=g).to(dtype), torch.randn(2, M.FP32_ROWS // 2, 160, generator=g).to(dtype)
@@ -381,7 +381,7 @@ def test_16bit_training_step_in_fp32_products_is_as_accurate_as_the_16bit_kernel
     init = {**soft_masks(config, dtype=torch.bfloat16), **lora_adapter(m, dtype=torch.bfloat16)}
 
     def run(model, slow):
-        monkeypatch.setattr(M, "CPU_16BIT_SLOW", slow)
+        monkeypatch.setattr(M, "SLOW_16BIT", {torch.bfloat16: slow})
         dtype = model.tok_embeddings.weight.dtype
         adapter = {k: (v.to(dtype).requires_grad_() if torch.is_tensor(v) else v) for k, v in init.items()}
         logits = model(tok, adapter)
