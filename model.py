@@ -11,6 +11,7 @@ This file opens no file: checkpoint.py reads and writes every format.
     small = slice_model(model, adapter)          # the pruned model, really smaller
 """
 import math
+import platform
 from dataclasses import asdict, dataclass
 
 import torch
@@ -92,10 +93,11 @@ def mask_sparsity(z, config):
 # multiplies 16-bit operands in fp32. Their products are exact in fp32 and the 16-bit kernels accumulate in
 # fp32 too: only the order of the sums differs. Below it (decoding one token) casting the weight costs more
 # than it saves. CPUs with the instructions (there bf16 runs ~1.9x faster than fp32) and GPUs keep the
-# 16-bit kernels.
+# 16-bit kernels, and so do other CPUs (not measured here).
 FP32_ROWS = 64
-SLOW_16BIT = {torch.bfloat16: not torch.cpu._is_avx512_bf16_supported(),
-              torch.float16: not torch.cpu._is_amx_fp16_supported()}
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+SLOW_16BIT = {torch.bfloat16: X86 and not torch.cpu._is_avx512_bf16_supported(),
+              torch.float16: X86 and not torch.cpu._is_amx_fp16_supported()}
 
 
 def in_fp32(x):
