@@ -385,6 +385,7 @@ def test_16bit_training_step_in_fp32_products_is_as_accurate_as_the_16bit_kernel
         dtype = model.tok_embeddings.weight.dtype
         adapter = {k: (v.to(dtype).requires_grad_() if torch.is_tensor(v) else v) for k, v in init.items()}
         logits = model(tok, adapter)
+        assert (type(logits.grad_fn).__name__ == "Fp32LinearBackward") == (slow and dtype == torch.bfloat16)
         F.cross_entropy(logits.flatten(0, 1).double(), tok.roll(-1, 1).flatten()).backward()
         return {"logits": logits.detach(), **{k: v.grad for k, v in adapter.items() if torch.is_tensor(v)}}
 
