@@ -32,6 +32,18 @@ import nute
 from checkpoint import load, load_adapter
 
 
+def side_by_side(fns, rounds):
+    """Median seconds of each fn over interleaved rounds, after one more that warms up (and compiles): this
+    machine's speed drifts, and drift must not look like a ratio."""
+    times = [[] for _ in fns]
+    for _ in range(rounds + 1):
+        for t, f in zip(times, fns):
+            t0 = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t[1:]) for t in times]
+
+
 def timed(fn, repeat):
     fn()  # warm-up
     times = []
@@ -48,14 +60,6 @@ def bench_gemm(args):
     model does from model.FP32_ROWS rows on (casts included). Interleaved rounds, medians."""
     import torch.nn.functional as F
 
-    def side_by_side(*fns):
-        times = [[] for _ in fns]
-        for _ in range(args.rounds + 1):  # round 0 warms up
-            for t, f in zip(times, fns):
-                t0 = time.perf_counter()
-                f()
-                t.append(time.perf_counter() - t0)
-        return [statistics.median(t[1:]) for t in times]
     print(f"{torch.get_num_threads()} threads, AVX512-BF16: {torch.cpu._is_avx512_bf16_supported()} (the model multiplies "
           f"bf16 in fp32 from {model.FP32_ROWS} rows: {model.SLOW_16BIT[torch.bfloat16]}), {args.rounds} rounds\n\n"
           "| what | rows | fp32 GFLOP/s | bf16 GFLOP/s | bf16 in fp32 GFLOP/s | bf16 in fp32 / bf16 |\n|---|---|---|---|---|---|")
@@ -65,8 +69,8 @@ def bench_gemm(args):
         for rows in (1, 4, 16, 32, 64, 256, 1024):
             x = torch.randn(rows, k, generator=g)
             xb, wb, flops = x.bfloat16(), w.bfloat16(), 2 * rows * n * k / 1e9
-            t = side_by_side(lambda: F.linear(x, w), lambda: F.linear(xb, wb),
-                             lambda: F.linear(xb.float(), wb.float()).bfloat16())
+            t = side_by_side([lambda: F.linear(x, w), lambda: F.linear(xb, wb),
+                              lambda: F.linear(xb.float(), wb.float()).bfloat16()], args.rounds)
             print(f"| product {k} -> {n} | {rows} | {flops / t[0]:.1f} | {flops / t[1]:.1f} | {flops / t[2]:.1f} | "
                   f"{t[1] / t[2]:.2f}x |")
     qkv = [torch.randn(4, 9, 256, 64, generator=g) for _ in range(3)]
@@ -74,8 +78,8 @@ def bench_gemm(args):
     def attention(dtype, compute):
         q, k, v = (t.to(dtype).requires_grad_() for t in qkv)
         F.scaled_dot_product_attention(q.to(compute), k.to(compute), v.to(compute), is_causal=True).sum().backward()
-    t = side_by_side(lambda: attention(torch.float32, torch.float32), lambda: attention(torch.bfloat16, torch.bfloat16),
-                     lambda: attention(torch.bfloat16, torch.float32))
+    t = side_by_side([lambda: attention(torch.float32, torch.float32), lambda: attention(torch.bfloat16, torch.bfloat16),
+                      lambda: attention(torch.bfloat16, torch.float32)], args.rounds)
     flops = 3 * 4 * 4 * 9 * 256 * 256 * 64 / 2 / 1e9  # QK^T and PV over the causal half; backward ~2x forward
     print(f"| attention forward + backward, 4 x 9 heads x 256 | 1024 | {flops / t[0]:.1f} | {flops / t[1]:.1f} | "
           f"{flops / t[2]:.1f} | {t[1] / t[2]:.2f}x |")
@@ -315,10 +319,14 @@ def bench_vs_hf(args):
         a = nute.get_args(["--ckpt", args.ckpt, "--distill", "kd", "--layer-weight", "0", "--seq-len", "256",
                            "--batch-size", "4", "--dtype", name.replace("float32", "fp32").replace("bfloat16", "bf16"),
                            "--steps", "1000", "--no-eval"])
-        student = nute.init_student(a, ours, g, {})
-        lambdas = torch.zeros(2, requires_grad=True)
-        opts, queue = nute.make_optimizers(a, student, lambdas), nute.TeacherQueue(a.target, a.interval, a.gap)
         batches = (x.repeat(4, 1), torch.ones(16, 256))
+
+        def our_kd_step(m):  # a training step of nute.py's loop on model m
+            student, lambdas = nute.init_student(a, m, g, {}), torch.zeros(2, requires_grad=True)
+            opts, queue, steps = nute.make_optimizers(a, student, lambdas), nute.TeacherQueue(a.target), iter(range(10**6))
+            return lambda: nute.train_step(next(steps), m, batches, student, lambdas, opts, queue, g, a)
+        compiled_blocks, _ = load(args.ckpt, dtype=dtype)  # the same weights, blocks through model.compiled_block
+        compiled_blocks.compile_blocks = True
         student_hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
         opt_hf = torch.optim.AdamW([p for p in student_hf.parameters() if p.requires_grad], lr=1e-3)
 
@@ -331,7 +339,7 @@ def bench_vs_hf(args):
             kl.backward()
             opt_hf.step()
             opt_hf.zero_grad()
-        steps, compiled, KD = iter(range(10**6)), model.compile_decoding(), "KD step, LoRA q,v r8, 4 x 256"
+        compiled, KD = model.compile_decoding(), "KD step, LoRA q,v r8, 4 x 256"
         def hf_generate():
             hf.generate(torch.tensor([prompt]), max_new_tokens=192, min_new_tokens=192, do_sample=False)
         jobs = {  # what: (HF, ours, tokens per call)
@@ -339,8 +347,8 @@ def bench_vs_hf(args):
             "greedy decode 64 -> 256 (with prefill)": (hf_generate, lambda: model.generate(ours, prompt, 192), 192),
             "same, our decode step compiled (`evaluate.py --compile`)": (
                 hf_generate, lambda: model.generate(ours, prompt, 192, step=compiled), 192),
-            KD: (hf_kd_step, lambda: nute.train_step(next(steps), ours, batches, student, lambdas, opts, queue, g, a),
-                x.numel())}
+            KD: (hf_kd_step, our_kd_step(ours), x.numel()),
+            "same, our blocks compiled (`nute.py --compile`)": (hf_kd_step, our_kd_step(compiled_blocks), x.numel())}
         if args.profile:  # where the KD steps' time goes instead of the table: self CPU time per op
             for who, f in (("Hugging Face", hf_kd_step), ("nute", jobs[KD][1])):
                 f()  # warm-up
@@ -348,26 +356,21 @@ def bench_vs_hf(args):
                     f()
                 print(f"\nKD step, {who}, {name}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=6))
             continue
-        times = {k: ([], []) for k in jobs}
-        for _ in range(args.rounds):
-            for k, (f_hf, f_ours, _) in jobs.items():
-                for i, f in enumerate((f_hf, f_ours)):
-                    t0 = time.perf_counter()
-                    f()
-                    times[k][i].append(time.perf_counter() - t0)
-        # tokens/s, HF and ours, medians of the rounds after the first (it warms up and compiles)
-        tps = {k: [n / statistics.median(t[1:] or t) for t in times[k]] for k, (_, _, n) in jobs.items()}
+        t = iter(side_by_side([f for f_hf, f_ours, _ in jobs.values() for f in (f_hf, f_ours)], args.rounds))
+        tps = {k: (n / next(t), n / next(t)) for k, (_, _, n) in jobs.items()}  # tokens/s, HF and ours
         for k, (hf_tps, our_tps) in tps.items():
             print(f"| {k} | {name} | {hf_tps:,.1f} tok/s | {our_tps:,.1f} | {our_tps / hf_tps:.2f}x |")
         # the step users get: the command line, its log.jsonl tokens/s (steps 3-8), against HF's KD step above
         hf_kd = tps[KD][0]
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "nute.py", "--ckpt", args.ckpt, "--distill", "kd", "--layer-weight", "0", "--seq-len",
-                   "256", "--batch-size", "4", "--dtype", a.dtype, "--steps", "8", "--no-eval", "--out", tmp + "/run"]
-            env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-            subprocess.run(cmd, check=True, env=env, capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-            cli = statistics.median(json.loads(line)["tokens_per_s"] for line in list(open(tmp + "/run/log.jsonl"))[2:])
-        print(f"| KD step through `nute.py` (log.jsonl) | {name} | {hf_kd:,.1f} tok/s | {cli:,.1f} | {cli / hf_kd:.2f}x |")
+        for flags in ([], ["--compile"]):
+            with tempfile.TemporaryDirectory() as tmp:
+                cmd = [sys.executable, "nute.py", "--ckpt", args.ckpt, "--distill", "kd", "--layer-weight", "0", "--seq-len",
+                       "256", "--batch-size", "4", "--dtype", a.dtype, "--steps", "8", "--no-eval", "--out", tmp + "/run", *flags]
+                env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+                subprocess.run(cmd, check=True, env=env, capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                cli = statistics.median(json.loads(line)["tokens_per_s"] for line in list(open(tmp + "/run/log.jsonl"))[2:])
+            print(f"| KD step through `nute.py {' '.join(flags)}` (log.jsonl) | {name} | {hf_kd:,.1f} tok/s | {cli:,.1f} | "
+                  f"{cli / hf_kd:.2f}x |")
 
 
 def bench_eval(args):
@@ -489,12 +492,12 @@ def main():
     p.add_argument("--ckpt", default=str(data.default_model_path()))
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--steps", type=int, default=5, help="train: timed steps per configuration")
-    p.add_argument("--rounds", type=int, default=7, help="export, llama-cpp, gemm: interleaved timing rounds")
+    p.add_argument("--rounds", type=int, default=7, help="export, llama-cpp, gemm, vs-hf: interleaved timing rounds")
     p.add_argument("--compile", action="store_true", help="export: time the torch.compiled decode step")
     p.add_argument("--profile", action="store_true", help="vs-hf: torch.profiler's top ops of both KD steps, no table")
     p.add_argument("--run", action="append", help="layers: a nute.py run whose masks the student uses; export: a run "
                    "whose export to time; llama-cpp: pruned runs to time against the dense model (repeatable; "
-                   "default: first units kept, 20% and 50%)")
+                   "default: first units kept, 20%% and 50%%)")
     p.add_argument("--types", default="F32,Q8_0", help="llama-cpp: GGUF tensor types to compare in")
     p.add_argument("--ppl-chunks", type=int, default=64, help="llama-cpp: held-out chunks of 128 tokens for perplexity")
     p.add_argument("--shapes", default=",".join(SHAPES), help="plan: which of " + ", ".join(SHAPES))

@@ -10,6 +10,7 @@ This file opens no file: checkpoint.py reads and writes every format.
     ids = generate(model, prompt_ids, 32)        # greedy, KV-cached
     small = slice_model(model, adapter)          # the pruned model, really smaller
 """
+import functools
 import math
 import platform
 from dataclasses import asdict, dataclass
@@ -253,18 +254,41 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, h, cos, sin, adapter, layer, start_pos):
-        name, z_hid = f"layers.{layer}.", adapter.get("z_hid")
-        z_head, z_int = adapter.get("z_head"), adapter.get("z_int")
+    def forward(self, h, cos, sin, adapter, start_pos):
+        """adapter: this layer's part (layer_adapter): keys without "layers.{i}.", its rows of z_head and
+        z_int. Nothing here depends on the layer's index, so one torch.compile serves every block."""
+        z_hid = adapter.get("z_hid")
         if self.attention is not None:  # a layer that lost every head passes its input through
-            out = self.attention(self.attention_norm(h), cos, sin, adapter, name + "attention.",
-                                 None if z_head is None else z_head[layer], start_pos)
+            out = self.attention(self.attention_norm(h), cos, sin, adapter, "attention.", adapter.get("z_head"), start_pos)
             h = h + (out if z_hid is None else out * z_hid.to(out.dtype))  # Eq. 1: z_hid on the output
         if self.feed_forward is not None:
-            out = self.feed_forward(self.ffn_norm(h), adapter, name + "feed_forward.",
-                                    None if z_int is None else z_int[layer])
+            out = self.feed_forward(self.ffn_norm(h), adapter, "feed_forward.", adapter.get("z_int"))
             h = h + (out if z_hid is None else out * z_hid.to(out.dtype))  # Eq. 2
         return h
+
+
+
+@functools.cache
+def compiled_block():
+    """Block.__call__ through torch.compile, for training (nute.py --compile): each block's norms, RoPE, SiLU,
+    mask products and residual adds fuse, forward and backward. The blocks are alike and find their part of
+    the adapter by names without the layer's index, so one graph serves all of them (one more for a forward
+    without grad, as a teacher's). Built at its first call: about a minute on a CPU."""
+    return torch.compile(Block.__call__)
+
+
+def layer_adapter(adapter, n_layers):
+    """A flat adapter -> one dict per layer: "layers.{i}.attention.wq.lora_A" becomes "attention.wq.lora_A"
+    of layer i, z_head and z_int give layer i their row i, z_hid and lora_scale go to every layer."""
+    per_layer = [{k: adapter[k] for k in ("z_hid", "lora_scale") if k in adapter} for _ in range(n_layers)]
+    for k, v in adapter.items():
+        if k.startswith("layers."):
+            i, name = k[len("layers."):].split(".", 1)
+            per_layer[int(i)][name] = v
+        elif k in ("z_head", "z_int"):
+            for i, row in enumerate(v):
+                per_layer[i][k] = row
+    return per_layer
 
 
 class Transformer(nn.Module):
@@ -279,6 +303,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.grad_checkpoint = False  # nute.py --grad-checkpoint
+        self.compile_blocks = False  # nute.py --compile: the blocks run through compiled_block() (not decoding)
 
     def forward(self, tokens, adapter=None, start_pos=None, return_hidden=False):
         """tokens [B, T] -> logits [B, T, vocab], and with return_hidden the states the layer loss compares:
@@ -301,12 +326,12 @@ class Transformer(nn.Module):
         z_hid = adapter.get("z_hid")
         if z_hid is not None:
             h = h * z_hid.to(h.dtype)
-        hidden = []
-        for i, layer in enumerate(self.layers):
+        hidden, run = [], compiled_block() if self.compile_blocks and start_pos is None else Block.__call__
+        for layer, a in zip(self.layers, layer_adapter(adapter, len(self.layers))):
             if self.grad_checkpoint and torch.is_grad_enabled():  # keep each block's input, redo its inside in backward
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, adapter, i, start_pos, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(run, layer, h, cos, sin, a, start_pos, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, adapter, i, start_pos)
+                h = run(layer, h, cos, sin, a, start_pos)
             hidden.append(h)
         h = hidden[-1] = self.norm(h)  # [B, T, dim]
         logits = base_linear(h, self.tok_embeddings.weight if self.output is None else self.output.weight)

@@ -269,7 +269,7 @@ def micro_step(model, x, loss_mask, student, teacher, distill, args):
 # ----------------------------------------------------------------------------------------------------
 # The training loop: pruning (masks + LoRA, Lagrangian, teachers) and post fine-tuning (masks frozen)
 
-RUN_ONLY = ("resume", "stop_after", "save_every", "eval", "out", "grad_checkpoint", "rank", "gguf", "masks",
+RUN_ONLY = ("resume", "stop_after", "save_every", "eval", "out", "grad_checkpoint", "compile", "rank", "gguf", "masks",
             "export_dtype")  # may differ on --resume
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SKIPPED = 5  # this many non-finite steps in a row stop the run: it has diverged
@@ -513,6 +513,7 @@ def train(args):
     # every save_every steps an atomic checkpoint holds all the state a resume needs (masks, LoRA, lambdas,
     # optimizers, teacher snapshots, the RNG). A step with a non-finite loss or gradient changes nothing.
     skipped = in_a_row = 0
+    model.compile_blocks = args.compile  # for the training steps only: evaluation and decoding stay eager
     with open(out / "log.jsonl" if args.rank == 0 else os.devnull, "a") as log:
         bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.rank > 0,
                    desc="prune" if student.log_alpha else "tune")
@@ -533,6 +534,7 @@ def train(args):
             if args.stop_after and step + 1 - start >= args.stop_after:
                 return None  # a deliberate stop, like a kill: what was not checkpointed is lost
 
+    model.compile_blocks = False
     if args.fsdp:
         model = unshard(model)
     adapter = student.frozen()
@@ -596,6 +598,8 @@ def get_args(argv=None):
                    "(FSDP2), for a model that does not fit one device; default: each process holds them all")
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block: the "
                    "student's activations are recomputed in backward (less memory, ~1/3 more compute)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks for the training steps: "
+                   "the small ops between the products fuse (~1.15-1.2x a step on a CPU; ~1 min to compile)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--stop-after", type=int, help="stop after N steps of this invocation (like a kill; --resume continues)")
@@ -637,6 +641,8 @@ def check_args(args):
     if args.run and not os.path.isfile(os.path.join(args.run, "adapter.safetensors")):
         raise ValueError(f"--run {args.run}: no adapter.safetensors there (not a finished nute.py run)")
     args.world, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # torchrun's
+    if args.fsdp and args.compile:
+        raise ValueError("--compile is not supported with --fsdp (the sharded blocks are not compiled)")
     if args.fsdp and args.world < 2:
         raise ValueError("--fsdp shards over several processes: run under torchrun --nproc_per_node N")
     if args.masks and (args.method == "nuteprune" or not os.path.isfile(args.masks)):

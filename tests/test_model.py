@@ -9,6 +9,8 @@ import copy
 import dataclasses
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -395,6 +397,32 @@ def test_16bit_training_step_in_fp32_products_is_as_accurate_as_the_16bit_kernel
         assert err(fp32, k) <= 1.5 * err(bf16, k) + 0.01, (k, err(fp32, k), err(bf16, k))
 
 
+def test_compiled_blocks_give_the_same_states_and_gradients():
+    """nute.py --compile: every block through one torch.compile'd graph gives the eager model's logits,
+    states and mask / LoRA gradients (float64: fusing reorders only rounding); decoding stays eager."""
+    config = tiny_config()
+    m, tok = make_model(config), tokens_for(config)
+    adapter = {k: (v.requires_grad_() if torch.is_tensor(v) else v)
+               for k, v in {**soft_masks(config), **lora_adapter(m)}.items()}
+    runs, graphs = [], torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for flag in (False, True):
+        m.compile_blocks = flag
+        logits, hidden = m(tok, adapter, return_hidden=True)
+        (logits.square().mean() + sum(h.square().mean() for h in hidden)).backward()
+        runs.append({"logits": logits.detach(), **{f"state {i}": h.detach() for i, h in enumerate(hidden)},
+                     **{k: v.grad.clone() for k, v in adapter.items() if torch.is_tensor(v)}})
+        for v in adapter.values():
+            if torch.is_tensor(v):
+                v.grad = None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # one graph for all the blocks
+    for k in runs[0]:
+        torch.testing.assert_close(runs[1][k], runs[0][k], rtol=1e-10, atol=1e-12, msg=k)
+    ids = generate(m, tok[0, :3].tolist(), 4)  # still compile_blocks: the KV-cached path stays eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+    m.compile_blocks = False
+    assert ids == generate(m, tok[0, :3].tolist(), 4)
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     """--grad-checkpoint recomputes each block in backward: the same masks' and LoRA's gradients (float64;
     the recomputation repeats the same ops, so they agree to rounding), and only where a graph is built."""
@@ -692,3 +720,10 @@ def test_files_import_only_lower_files():
             calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
             assert "open" not in calls and all(m not in open(os.path.join(root, "model.py")).read()
                                                for m in ("safetensors", "import os", "import json"))
+
+
+@pytest.mark.parametrize("script", ["nute", "evaluate", "checkpoint", "data", "experiments", "bench"])
+def test_every_command_prints_its_help(script):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, script + ".py", "--help"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("usage:"), r.stderr[-300:]

@@ -341,13 +341,20 @@ def test_resume_gives_same_masks(tiny, tmp_path):
     assert (a["z_int"] == 0).any()  # it really pruned something
 
 
-def test_grad_checkpoint_run_learns_the_same(tiny, tmp_path):
+@pytest.mark.parametrize("flags", [["--grad-checkpoint"], ["--compile"], ["--compile", "--grad-checkpoint"]])
+def test_grad_checkpoint_and_compiled_runs_learn_the_same(tiny, tmp_path, flags, monkeypatch):
     common = ["--target", "0.3", "--steps", "6"]
     run(tiny, tmp_path / "a", *common)
-    run(tiny, tmp_path / "b", *common, "--grad-checkpoint")
+    calls, compiled = [], model.compiled_block()
+    monkeypatch.setattr(model, "compiled_block", lambda: lambda *a: calls.append(1) or compiled(*a))
+    m, _, _ = run(tiny, tmp_path / "b", *common, *flags)
+    assert bool(calls) == ("--compile" in flags) and not m.compile_blocks  # evaluation and the report run eager
     a, b = load_file(str(tmp_path / "a" / "adapter.safetensors")), load_file(str(tmp_path / "b" / "adapter.safetensors"))
-    for k in a:  # fp32: the recomputed block may round differently, by far less than a step changes
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    # fp32: a recomputed block may round differently; a fused one does, and Adam's first steps (m / sqrt(v))
+    # magnify that in the small LoRA gradients, yet far below one step's change (lr 1e-2)
+    atol = 1e-4 if "--compile" in flags else 1e-6
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=atol, msg=k)
 
 
 def test_grad_accum_equals_one_big_batch(tiny, tmp_path):
