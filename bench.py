@@ -342,13 +342,13 @@ def bench_vs_hf(args):
         compiled, KD = model.compile_decoding(), "KD step, LoRA q,v r8, 4 x 256"
         def hf_generate():
             hf.generate(torch.tensor([prompt]), max_new_tokens=192, min_new_tokens=192, do_sample=False)
-        jobs = {  # what: (HF, ours, tokens per call)
+        jobs = {  # what: (HF, ours, tokens per call); HF None: the HF figure of the row above
             "forward 4 x 256, no grad": (lambda: torch.no_grad()(hf)(x), lambda: torch.no_grad()(ours)(x), x.numel()),
             "greedy decode 64 -> 256 (with prefill)": (hf_generate, lambda: model.generate(ours, prompt, 192), 192),
             "same, our decode step compiled (`evaluate.py --compile`)": (
-                hf_generate, lambda: model.generate(ours, prompt, 192, step=compiled), 192),
+                None, lambda: model.generate(ours, prompt, 192, step=compiled), 192),
             KD: (hf_kd_step, our_kd_step(ours), x.numel()),
-            "same, our blocks compiled (`nute.py --compile`)": (hf_kd_step, our_kd_step(compiled_blocks), x.numel())}
+            "same, our blocks compiled (`nute.py --compile`)": (None, our_kd_step(compiled_blocks), x.numel())}
         if args.profile:  # where the KD steps' time goes instead of the table: self CPU time per op
             for who, f in (("Hugging Face", hf_kd_step), ("nute", jobs[KD][1])):
                 f()  # warm-up
@@ -356,8 +356,10 @@ def bench_vs_hf(args):
                     f()
                 print(f"\nKD step, {who}, {name}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=6))
             continue
-        t = iter(side_by_side([f for f_hf, f_ours, _ in jobs.values() for f in (f_hf, f_ours)], args.rounds))
-        tps = {k: (n / next(t), n / next(t)) for k, (_, _, n) in jobs.items()}  # tokens/s, HF and ours
+        t, tps = iter(side_by_side([f for f_hf, f_ours, _ in jobs.values() for f in (f_hf, f_ours) if f], args.rounds)), {}
+        for k, (f_hf, _, n) in jobs.items():  # tokens/s, HF and ours
+            tps[k] = (n / next(t) if f_hf else hf_tps, n / next(t))
+            hf_tps = tps[k][0]
         for k, (hf_tps, our_tps) in tps.items():
             print(f"| {k} | {name} | {hf_tps:,.1f} tok/s | {our_tps:,.1f} | {our_tps / hf_tps:.2f}x |")
         # the step users get: the command line, its log.jsonl tokens/s (steps 3-8), against HF's KD step above
@@ -369,8 +371,8 @@ def bench_vs_hf(args):
                 env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
                 subprocess.run(cmd, check=True, env=env, capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)))
                 cli = statistics.median(json.loads(line)["tokens_per_s"] for line in list(open(tmp + "/run/log.jsonl"))[2:])
-            print(f"| KD step through `nute.py {' '.join(flags)}` (log.jsonl) | {name} | {hf_kd:,.1f} tok/s | {cli:,.1f} | "
-                  f"{cli / hf_kd:.2f}x |")
+            print(f"| KD step through `{' '.join(['nute.py', *flags])}` (log.jsonl) | {name} | {hf_kd:,.1f} tok/s | "
+                  f"{cli:,.1f} | {cli / hf_kd:.2f}x |")
 
 
 def bench_eval(args):
