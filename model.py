@@ -267,7 +267,6 @@ class Block(nn.Module):
         return h
 
 
-
 @functools.cache
 def compiled_block():
     """Block.__call__ through torch.compile, for training (nute.py --compile): each block's norms, RoPE, SiLU,

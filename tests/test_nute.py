@@ -462,6 +462,7 @@ def nute_cli(*argv):
     (["--method", "bonsai", "--bonsai-samples", "0"], "--bonsai-samples must be at least 1"),
     (["--masks", "FILE"], "given with its --method"),
     (["--method", "taylor", "--masks", "DIR/missing.safetensors"], "given with its --method"),
+    (["--fsdp", "--compile"], "not supported with --fsdp"),
 ])
 def test_bad_input_exit_2(tiny, tmp_path, extra, message):
     """One line, exit 2, and nothing written: every setting is checked before the run folder is made."""
