@@ -292,11 +292,53 @@ def bench_llama_cpp(args):
             del llms
 
 
+def hf_kd_step_fn(peft, hf, x, temperature):
+    """Hugging Face's plain KD step: LoRA q, v rank 8 (peft); the intact teacher is the same model with its
+    adapter disabled; the student's forward / backward; AdamW."""
+    student = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+
+    def step():
+        with torch.no_grad(), student.disable_adapter():
+            logits_t = student(x).logits
+        logits_s = student(x).logits
+        kl = torch.nn.functional.kl_div(torch.log_softmax(logits_s.float() / temperature, -1),
+                                        torch.softmax(logits_t.float() / temperature, -1), reduction="batchmean")
+        kl.backward()
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
+def our_kd_step_fn(a, m, batches, g):
+    """A training step of nute.py's loop on model m (a: nute's settings)."""
+    student, lambdas = nute.init_student(a, m, g, {}), torch.zeros(2, requires_grad=True)
+    opts, queue, steps = nute.make_optimizers(a, student, lambdas), nute.TeacherQueue(a.target), iter(range(10**6))
+    return lambda: nute.train_step(next(steps), m, batches, student, lambdas, opts, queue, g, a)
+
+
+def profile(f):
+    """Self CPU time per op of one call of f, after a warm-up call -> a table."""
+    f()
+    with torch.profiler.profile() as prof:
+        f()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=6)
+
+
+def cli_kd_tokens_per_s(ckpt, dtype, flags):
+    """The KD step through the command line: the median tokens/s of steps 3-8 in its log.jsonl."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "nute.py", "--ckpt", ckpt, "--distill", "kd", "--layer-weight", "0", "--seq-len", "256",
+               "--batch-size", "4", "--dtype", dtype, "--steps", "8", "--no-eval", "--out", tmp + "/run", *flags]
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+        subprocess.run(cmd, check=True, env=env, capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        return statistics.median(json.loads(line)["tokens_per_s"] for line in list(open(tmp + "/run/log.jsonl"))[2:])
+
+
 def bench_vs_hf(args):
     """The same weights in transformers (+ peft for LoRA) and here, timed in interleaved rounds in one process:
-    a no-grad forward, greedy decoding with prefill, and a KD step (LoRA q, v rank 8; HF: the intact teacher
-    is the same model with its adapter disabled, student forward / backward, AdamW; ours: nute.train_step
-    with masks sampled, the teacher forward, the controller)."""
+    a no-grad forward, greedy decoding with prefill, and a KD step (ours: nute.train_step with masks sampled,
+    the teacher forward, the controller)."""
     try:
         import peft
         import transformers
@@ -320,25 +362,10 @@ def bench_vs_hf(args):
                            "--batch-size", "4", "--dtype", name.replace("float32", "fp32").replace("bfloat16", "bf16"),
                            "--steps", "1000", "--no-eval"])
         batches = (x.repeat(4, 1), torch.ones(16, 256))
-
-        def our_kd_step(m):  # a training step of nute.py's loop on model m
-            student, lambdas = nute.init_student(a, m, g, {}), torch.zeros(2, requires_grad=True)
-            opts, queue, steps = nute.make_optimizers(a, student, lambdas), nute.TeacherQueue(a.target), iter(range(10**6))
-            return lambda: nute.train_step(next(steps), m, batches, student, lambdas, opts, queue, g, a)
+        our_kd_step = lambda m: our_kd_step_fn(a, m, batches, g)
         compiled_blocks, _ = load(args.ckpt, dtype=dtype)  # the same weights, blocks through model.compiled_block
         compiled_blocks.compile_blocks = True
-        student_hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-        opt_hf = torch.optim.AdamW([p for p in student_hf.parameters() if p.requires_grad], lr=1e-3)
-
-        def hf_kd_step():
-            with torch.no_grad(), student_hf.disable_adapter():
-                logits_t = student_hf(x).logits
-            logits_s = student_hf(x).logits
-            kl = torch.nn.functional.kl_div(torch.log_softmax(logits_s.float() / a.temperature, -1),
-                                            torch.softmax(logits_t.float() / a.temperature, -1), reduction="batchmean")
-            kl.backward()
-            opt_hf.step()
-            opt_hf.zero_grad()
+        hf_kd_step = hf_kd_step_fn(peft, hf, x, a.temperature)
         compiled, KD = model.compile_decoding(), "KD step, LoRA q,v r8, 4 x 256"
         def hf_generate():
             hf.generate(torch.tensor([prompt]), max_new_tokens=192, min_new_tokens=192, do_sample=False)
@@ -351,28 +378,19 @@ def bench_vs_hf(args):
             "same, our blocks compiled (`nute.py --compile`)": (None, our_kd_step(compiled_blocks), x.numel())}
         if args.profile:  # where the KD steps' time goes instead of the table: self CPU time per op
             for who, f in (("Hugging Face", hf_kd_step), ("nute", jobs[KD][1])):
-                f()  # warm-up
-                with torch.profiler.profile() as prof:
-                    f()
-                print(f"\nKD step, {who}, {name}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=6))
+                print(f"\nKD step, {who}, {name}\n" + profile(f))
             continue
-        t, tps = iter(side_by_side([f for f_hf, f_ours, _ in jobs.values() for f in (f_hf, f_ours) if f], args.rounds)), {}
+        timed = side_by_side([f for f_hf, f_ours, _ in jobs.values() for f in (f_hf, f_ours) if f], args.rounds)
+        t, tps, hf_tps = iter(timed), {}, None
         for k, (f_hf, _, n) in jobs.items():  # tokens/s, HF and ours
-            tps[k] = (n / next(t) if f_hf else hf_tps, n / next(t))
-            hf_tps = tps[k][0]
+            hf_tps = n / next(t) if f_hf else hf_tps
+            tps[k] = (hf_tps, n / next(t))
         for k, (hf_tps, our_tps) in tps.items():
             print(f"| {k} | {name} | {hf_tps:,.1f} tok/s | {our_tps:,.1f} | {our_tps / hf_tps:.2f}x |")
-        # the step users get: the command line, its log.jsonl tokens/s (steps 3-8), against HF's KD step above
-        hf_kd = tps[KD][0]
-        for flags in ([], ["--compile"]):
-            with tempfile.TemporaryDirectory() as tmp:
-                cmd = [sys.executable, "nute.py", "--ckpt", args.ckpt, "--distill", "kd", "--layer-weight", "0", "--seq-len",
-                       "256", "--batch-size", "4", "--dtype", a.dtype, "--steps", "8", "--no-eval", "--out", tmp + "/run", *flags]
-                env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-                subprocess.run(cmd, check=True, env=env, capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-                cli = statistics.median(json.loads(line)["tokens_per_s"] for line in list(open(tmp + "/run/log.jsonl"))[2:])
-            print(f"| KD step through `{' '.join(['nute.py', *flags])}` (log.jsonl) | {name} | {hf_kd:,.1f} tok/s | "
-                  f"{cli:,.1f} | {cli / hf_kd:.2f}x |")
+        for flags in ([], ["--compile"]):  # the step users get, against HF's KD step above
+            cli = cli_kd_tokens_per_s(args.ckpt, a.dtype, flags)
+            print(f"| KD step through `{' '.join(['nute.py', *flags])}` (log.jsonl) | {name} | {tps[KD][0]:,.1f} tok/s | "
+                  f"{cli:,.1f} | {cli / tps[KD][0]:.2f}x |")
 
 
 def bench_eval(args):
