@@ -482,18 +482,24 @@ def unshard(model):
     return build(model.config, state)
 
 
+def load_model_and_data(args):
+    """-> the intact model, its tokenizer and the training blocks (tokens, loss mask), checked."""
+    model, tok = load(args.ckpt, dtype=DTYPES[args.dtype], device=args.device)
+    model.grad_checkpoint = args.grad_checkpoint
+    if args.seq_len > model.config.max_seq_len:
+        raise ValueError(f"--seq-len {args.seq_len}: {args.ckpt} takes at most {model.config.max_seq_len} tokens")
+    batches = data.training_blocks(tok, args.seq_len, args.data, args.finetune, args.blocks)
+    if len(batches[0]) == 0:
+        raise ValueError("the training data is empty")
+    return model, tok, batches
+
+
 def train(args):
     """The whole run -> (model, tokenizer, adapter), or None when --stop-after ended it early."""
     init_distributed(args)
     if args.rank == 0:
         check_run_folder(args.out, args.resume)  # before the long load; the folder is written only after it
-    model, tok = load(args.ckpt, dtype=DTYPES[args.dtype], device=args.device)
-    model.grad_checkpoint = args.grad_checkpoint
-    if args.seq_len > model.config.max_seq_len:
-        raise ValueError(f"--seq-len {args.seq_len}: {args.ckpt} takes at most {model.config.max_seq_len} tokens")
-    batches = data.training_blocks(tok, args.seq_len, args.data, args.finetune, args.blocks)  # (tokens, loss mask)
-    if len(batches[0]) == 0:
-        raise ValueError("the training data is empty")
+    model, tok, batches = load_model_and_data(args)
     settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
     out, run_id = open_run(args.out, settings, args.resume) if args.rank == 0 else (Path(args.out), None)
     if args.world > 1:  # the other ranks learn the run id (and wait for rank 0's checks)
