@@ -106,32 +106,48 @@ def in_fp32(x):
     return x.device.type == "cpu" and SLOW_16BIT.get(x.dtype, False) and x.numel() >= FP32_ROWS * x.shape[-1]
 
 
-class Fp32Linear(torch.autograd.Function):
-    """y = x W^T for a 16-bit x and a frozen 16-bit W, multiplied in fp32. Autograd through
-    F.linear(x.float(), W.float()) would keep the fp32 copy of W for backward; this keeps W and casts again."""
+def part(weight, rows=None, cols=None):
+    """W [out, in] -> W[rows][:, cols]: only the outputs `rows` and inputs `cols` (None: all of them)."""
+    weight = weight if rows is None else weight.index_select(0, rows)
+    return weight if cols is None else weight.index_select(1, cols)
+
+
+class FrozenLinear(torch.autograd.Function):
+    """y = x W[rows][:, cols]^T for a frozen W, in fp32 when `fp32` (16-bit x and W, see FP32_ROWS). Autograd
+    through F.linear(x.float(), part(W).float()) would keep that fp32 / sliced copy of W until the backward;
+    this keeps W itself and slices and casts it again there."""
 
     @staticmethod
-    def forward(ctx, x, weight):
-        ctx.save_for_backward(weight)
-        return F.linear(x.float(), weight.float()).to(x.dtype)
+    def forward(ctx, x, weight, rows, cols, fp32):
+        ctx.save_for_backward(weight, rows, cols)
+        ctx.fp32 = fp32
+        w = part(weight, rows, cols)
+        return F.linear(x.float(), w.float()).to(x.dtype) if fp32 else F.linear(x, w)
 
     @staticmethod
     def backward(ctx, g):  # g [..., out] -> dL/dx [..., in]; no gradient for the frozen weight
-        (weight,) = ctx.saved_tensors
-        return (g.float() @ weight.float()).to(g.dtype), None
+        weight, rows, cols = ctx.saved_tensors
+        w = part(weight, rows, cols)
+        return ((g.float() @ w.float()).to(g.dtype) if ctx.fp32 else g @ w), None, None, None, None
 
 
-def base_linear(x, weight):
-    """y = x W^T, in fp32 where the CPU's 16-bit kernel is slow (a frozen weight only)."""
-    return Fp32Linear.apply(x, weight) if in_fp32(x) and not weight.requires_grad else F.linear(x, weight)
+def base_linear(x, weight, rows=None, cols=None):
+    """y = x W^T, only W's `rows` / `cols` when given; in fp32 where the CPU's 16-bit kernel is slow (a frozen W)."""
+    fp32 = in_fp32(x) and not weight.requires_grad
+    if weight.requires_grad or not (fp32 or rows is not None or cols is not None):
+        return F.linear(x, part(weight, rows, cols))
+    return FrozenLinear.apply(x, weight, rows, cols, fp32)
 
 
-def linear(x, weight, adapter, name):
-    """y = W x, plus the LoRA branch B A x * scale when the adapter has one for this weight (Eq. 4)."""
-    y = base_linear(x, weight)
+def linear(x, weight, adapter, name, rows=None, cols=None):
+    """y = W x, plus the LoRA branch B A x * scale when the adapter has one for this weight (Eq. 4);
+    rows / cols: only these outputs / inputs of W (the units a mask keeps, see kept_units)."""
+    y = base_linear(x, weight, rows, cols)
     A = adapter.get(name + ".lora_A")  # [r, in]
     if A is not None:
-        y = y + F.linear(F.linear(x, A.to(x.dtype)), adapter[name + ".lora_B"].to(x.dtype)) * adapter["lora_scale"]
+        B = adapter[name + ".lora_B"]  # [out, r]
+        A, B = (A if cols is None else A[:, cols]), (B if rows is None else B[rows])
+        y = y + F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype)) * adapter["lora_scale"]
     return y
 
 
@@ -197,21 +213,30 @@ class Attention(nn.Module):
         self.uniform_gqa = kv_of_head == [h // group for h in range(self.n_heads)]
         self.kv_cache = None
 
-    def forward(self, x, cos, sin, adapter, name, z_head, start_pos):
-        y = self.attend(x, cos, sin, adapter, name, start_pos)  # [B, T, heads, head_dim]
+    def forward(self, x, cos, sin, adapter, name, z_head, start_pos, heads=None):
+        y = self.attend(x, cos, sin, adapter, name, start_pos, heads)  # [B, T, heads, head_dim]
         if z_head is not None:  # Eq. 1: each head's output scaled by its mask before the output projection
-            y = y * z_head.to(y.dtype)[:, None]
-        return linear(y.flatten(2), self.wo.weight, adapter, name + "wo")
+            y = y * (z_head if heads is None else z_head[heads]).to(y.dtype)[:, None]
+        return linear(y.flatten(2), self.wo.weight, adapter, name + "wo", cols=self.rows_of(heads))
 
-    def attend(self, x, cos, sin, adapter, name, start_pos):
-        """x [B, T, dim] -> every head's output [B, T, heads, head_dim], before the output projection."""
+    def rows_of(self, heads):  # head indices [n] -> their rows of wq [n * head_dim]
+        return None if heads is None else (heads[:, None] * self.head_dim + torch.arange(self.head_dim, device=heads.device)).flatten()
+
+    def attend(self, x, cos, sin, adapter, name, start_pos, heads=None):
+        """x [B, T, dim] -> every head's output [B, T, heads, head_dim], before the output projection.
+        heads: only these query heads (a forward without the cache; see kept_units)."""
         B, T, _ = x.shape
-        q = linear(x, self.wq.weight, adapter, name + "wq").view(B, T, self.n_heads, self.head_dim)
-        k = linear(x, self.wk.weight, adapter, name + "wk").view(B, T, self.n_kv, self.head_dim)
-        v = linear(x, self.wv.weight, adapter, name + "wv").view(B, T, self.n_kv, self.head_dim)
+        kv_rows, kv_index, uniform = None, self.kv_index, self.uniform_gqa
+        if heads is not None and self.n_kv == self.n_heads:  # multi-head attention: head h reads kv head h
+            kv_rows = self.rows_of(heads)
+        elif heads is not None:  # grouped-query: every kv head, each kept query head reads its own
+            kv_index, uniform = self.kv_index[heads], False
+        q = linear(x, self.wq.weight, adapter, name + "wq", rows=self.rows_of(heads)).view(B, T, -1, self.head_dim)
+        k = linear(x, self.wk.weight, adapter, name + "wk", rows=kv_rows).view(B, T, -1, self.head_dim)
+        v = linear(x, self.wv.weight, adapter, name + "wv", rows=kv_rows).view(B, T, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if not self.uniform_gqa:  # each query head reads its own kv head, copied before it enters the cache:
-            k, v = k.index_select(2, self.kv_index), v.index_select(2, self.kv_index)  # O(1) per decoded token
+        if not uniform:  # each query head reads its own kv head, copied before it enters the cache:
+            k, v = k.index_select(2, kv_index), v.index_select(2, kv_index)  # O(1) per decoded token
         mask, causal = None, True
         if start_pos is not None:  # KV cache: attend over everything so far
             k, v = self.kv_cache.update(start_pos, k, v)
@@ -235,15 +260,17 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, config.dim, bias=False)  # down
         self.w3 = nn.Linear(config.dim, hidden, bias=False)  # up
 
-    def forward(self, x, adapter, name, z_int):
-        h = self.act(x, adapter, name)
+    def forward(self, x, adapter, name, z_int, units=None):
+        h = self.act(x, adapter, name, units)
         if z_int is not None:  # Eq. 2: mask the intermediate units
-            h = h * z_int.to(h.dtype)
-        return linear(h, self.w2.weight, adapter, name + "w2")
+            h = h * (z_int if units is None else z_int[units]).to(h.dtype)
+        return linear(h, self.w2.weight, adapter, name + "w2", cols=units)
 
-    def act(self, x, adapter, name):
-        """x [B, T, dim] -> the intermediate units [B, T, hidden], before the down projection."""
-        return F.silu(linear(x, self.w1.weight, adapter, name + "w1")) * linear(x, self.w3.weight, adapter, name + "w3")
+    def act(self, x, adapter, name, units=None):
+        """x [B, T, dim] -> the intermediate units [B, T, hidden], before the down projection
+        (units: only these; see kept_units)."""
+        w1, w3 = (linear(x, w.weight, adapter, name + n, rows=units) for w, n in ((self.w1, "w1"), (self.w3, "w3")))
+        return F.silu(w1) * w3
 
 
 class Block(nn.Module):
@@ -259,10 +286,11 @@ class Block(nn.Module):
         z_int. Nothing here depends on the layer's index, so one torch.compile serves every block."""
         z_hid = adapter.get("z_hid")
         if self.attention is not None:  # a layer that lost every head passes its input through
-            out = self.attention(self.attention_norm(h), cos, sin, adapter, "attention.", adapter.get("z_head"), start_pos)
+            out = self.attention(self.attention_norm(h), cos, sin, adapter, "attention.", adapter.get("z_head"),
+                                 start_pos, adapter.get("heads"))
             h = h + (out if z_hid is None else out * z_hid.to(out.dtype))  # Eq. 1: z_hid on the output
         if self.feed_forward is not None:
-            out = self.feed_forward(self.ffn_norm(h), adapter, "feed_forward.", adapter.get("z_int"))
+            out = self.feed_forward(self.ffn_norm(h), adapter, "feed_forward.", adapter.get("z_int"), adapter.get("units"))
             h = h + (out if z_hid is None else out * z_hid.to(out.dtype))  # Eq. 2
         return h
 
@@ -276,17 +304,36 @@ def compiled_block():
     return torch.compile(Block.__call__)
 
 
-def layer_adapter(adapter, n_layers):
+# A layer leaves out its zero-masked units from this share of them on: below it, copying the kept rows of the
+# weights costs more than the products it saves (`python bench.py skip`: an FFN's forward + backward on 4 x 256
+# tokens is 3-9% slower with 2% of its units left out, 2-5% faster with 5%, 12-15% with 20%).
+MIN_SKIP = 0.05
+
+
+def kept_units(z):
+    """A mask [L, n] -> per layer the indices of its units with z != 0, or None to keep them all. A unit
+    whose mask is exactly 0 adds nothing, and its sample (Eq. 10, clamped at 0) passes no gradient back to
+    log_alpha: a forward can leave its rows out of the projections, with the same outputs and gradients
+    (the gradient of such an entry of z itself is then 0). One transfer to the CPU for all layers."""
+    keep = (z != 0).cpu()
+    return [None if (~row).sum() < MIN_SKIP * len(row) else row.nonzero()[:, 0].to(z.device) for row in keep]
+
+
+def layer_adapter(adapter, n_layers, skip_zeros=False):
     """A flat adapter -> one dict per layer: "layers.{i}.attention.wq.lora_A" becomes "attention.wq.lora_A"
-    of layer i, z_head and z_int give layer i their row i, z_hid and lora_scale go to every layer."""
+    of layer i, z_head and z_int give layer i their row i, z_hid and lora_scale go to every layer; with
+    skip_zeros also "heads" and "units", the kept_units of z_head and z_int."""
     per_layer = [{k: adapter[k] for k in ("z_hid", "lora_scale") if k in adapter} for _ in range(n_layers)]
     for k, v in adapter.items():
         if k.startswith("layers."):
             i, name = k[len("layers."):].split(".", 1)
             per_layer[int(i)][name] = v
         elif k in ("z_head", "z_int"):
+            kept = kept_units(v) if skip_zeros else [None] * len(v)
             for i, row in enumerate(v):
                 per_layer[i][k] = row
+                if kept[i] is not None:
+                    per_layer[i]["heads" if k == "z_head" else "units"] = kept[i]
     return per_layer
 
 
@@ -303,6 +350,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.grad_checkpoint = False  # nute.py --grad-checkpoint
         self.compile_blocks = False  # nute.py --compile: the blocks run through compiled_block() (not decoding)
+        self.skip_zeros = True  # an eager forward without the cache leaves out units whose mask is 0 (kept_units)
 
     def forward(self, tokens, adapter=None, start_pos=None, return_hidden=False):
         """tokens [B, T] -> logits [B, T, vocab], and with return_hidden the states the layer loss compares:
@@ -313,6 +361,7 @@ class Transformer(nn.Module):
           "layers.{i}.attention.wq.lora_A" [r, in], "...lora_B" [out, r] (any of wq wk wv wo w1 w2 w3)
           and "lora_scale" (alpha / r)                                               LoRA (Eq. 4).
         The student passes trainable tensors, a teacher a frozen snapshot: same base weights, no copy.
+        Heads and units whose mask is exactly 0 are left out of the products (kept_units, skip_zeros).
         start_pos: None for a plain causal forward; an int to read and extend the KV cache (setup_cache).
         """
         adapter = adapter or {}
@@ -326,7 +375,9 @@ class Transformer(nn.Module):
         if z_hid is not None:
             h = h * z_hid.to(h.dtype)
         hidden, run = [], compiled_block() if self.compile_blocks and start_pos is None else Block.__call__
-        for layer, a in zip(self.layers, layer_adapter(adapter, len(self.layers))):
+        # compiled blocks keep every unit: the kept counts change every step, and each new set of shapes recompiles
+        skip = self.skip_zeros and start_pos is None and not self.compile_blocks
+        for layer, a in zip(self.layers, layer_adapter(adapter, len(self.layers), skip)):
             if self.grad_checkpoint and torch.is_grad_enabled():  # keep each block's input, redo its inside in backward
                 h = torch.utils.checkpoint.checkpoint(run, layer, h, cos, sin, a, start_pos, use_reentrant=False)
             else:

@@ -355,6 +355,39 @@ def test_gradients_reach_lora_and_masks_not_the_base_weights():
     assert all(p.grad is None for p in m.parameters())
 
 
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_skipping_zero_masked_units_gives_the_same_outputs_and_gradients(n_kv):
+    """kept_units: the units whose sampled mask is exactly 0 are left out of the products (a layer losing every
+    head or unit included). Float64: the logits, states and the gradients of log_alpha (through Eq. 10's clamp)
+    and of LoRA on all seven projections are those of the full products, and the products cost fewer FLOPs."""
+    import nute
+    from torch.utils.flop_counter import FlopCounterMode
+    config = tiny_config(n_layers=3, n_kv_heads=n_kv)
+    m, tok = make_model(config), tokens_for(config)
+    log_alpha = {k: v.double() for k, v in nute.init_log_alpha(config, torch.Generator().manual_seed(0)).items()}
+    log_alpha["z_head"][0, 1:3] = log_alpha["z_head"][1] = -30.0  # z = 0: two heads of layer 0, all of layer 1
+    log_alpha["z_int"][0, ::2] = log_alpha["z_int"][2] = -30.0  # half the units of layer 0, all of layer 2
+    log_alpha = {k: v.requires_grad_() for k, v in log_alpha.items()}
+    lora = {k: (v.requires_grad_() if torch.is_tensor(v) else v) for k, v in lora_adapter(m).items()}
+    runs = []
+    for skip in (False, True):
+        m.skip_zeros = skip
+        z = {k: nute.sample_z(v, torch.Generator().manual_seed(1)) for k, v in log_alpha.items()}
+        with FlopCounterMode(display=False) as flops:
+            logits, hidden = m(tok, {**z, **lora}, return_hidden=True)
+            (logits.logsumexp(-1).mean() + sum(h.square().mean() for h in hidden)).backward()
+        runs.append({"logits": logits.detach(), **{f"state {i}": h.detach() for i, h in enumerate(hidden)},
+                     **{k: v.grad.clone() for k, v in {**log_alpha, **lora}.items() if torch.is_tensor(v)},
+                     "flops": flops.get_total_flops()})
+        for v in (*log_alpha.values(), *lora.values()):
+            if torch.is_tensor(v):
+                v.grad = None
+    assert (z["z_head"][1] == 0).all() and (z["z_int"][2] == 0).all() and (z["z_int"][0] != 0).sum() <= 12
+    assert runs[1].pop("flops") < 0.8 * runs[0].pop("flops")
+    for k in runs[0]:
+        torch.testing.assert_close(runs[1][k], runs[0][k], rtol=1e-12, atol=1e-13, msg=k)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_products_on_the_cpu_are_float64_products_rounded(dtype, monkeypatch):
     """From FP32_ROWS rows on, a CPU without the 16-bit instructions multiplies 16-bit operands in fp32 (model.base_linear): the
@@ -366,11 +399,11 @@ def test_16bit_products_on_the_cpu_are_float64_products_rounded(dtype, monkeypat
     w, gy = torch.randn(160, 96, generator=g).to(dtype), torch.randn(2, M.FP32_ROWS // 2, 160, generator=g).to(dtype)
     y = M.base_linear(x, w)
     y.backward(gy)
-    assert y.dtype == x.grad.dtype == dtype and type(y.grad_fn).__name__ == "Fp32LinearBackward" and w.grad is None
+    assert y.dtype == x.grad.dtype == dtype and type(y.grad_fn).__name__ == "FrozenLinearBackward" and w.grad is None
     eps = torch.finfo(dtype).eps
     for got, want in ((y, x.double() @ w.double().T), (x.grad, gy.double() @ w.double())):
         assert ((got.double() - want).abs() <= want.abs() * eps / 2 + 1e-5).all()
-    assert type(M.base_linear(x[:1, :1], w).grad_fn).__name__ != "Fp32LinearBackward"
+    assert type(M.base_linear(x[:1, :1], w).grad_fn).__name__ != "FrozenLinearBackward"
 
 
 def test_16bit_training_step_in_fp32_products_is_as_accurate_as_the_16bit_kernels(monkeypatch):
@@ -387,7 +420,7 @@ def test_16bit_training_step_in_fp32_products_is_as_accurate_as_the_16bit_kernel
         dtype = model.tok_embeddings.weight.dtype
         adapter = {k: (v.to(dtype).requires_grad_() if torch.is_tensor(v) else v) for k, v in init.items()}
         logits = model(tok, adapter)
-        assert (type(logits.grad_fn).__name__ == "Fp32LinearBackward") == (slow and dtype == torch.bfloat16)
+        assert (type(logits.grad_fn).__name__ == "FrozenLinearBackward") == (slow and dtype == torch.bfloat16)
         F.cross_entropy(logits.flatten(0, 1).double(), tok.roll(-1, 1).flatten()).backward()
         return {"logits": logits.detach(), **{k: v.grad for k, v in adapter.items() if torch.is_tensor(v)}}
 
