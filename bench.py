@@ -3,6 +3,7 @@
     python bench.py gemm      # GFLOP/s of fp32, bf16 and bf16-as-fp32 products by rows (model.FP32_ROWS)
     python bench.py model     # forward tokens/s fp32 vs bf16; decode tokens/s with vs without the KV cache
     python bench.py train     # paper Table 9: per-step time and peak memory of no-KD, KD, PKD, PKD + layer loss
+    python bench.py skip      # what leaving out zero-masked units saves: an FFN by share left out, the pruning step
     python bench.py export    # decode speed of models pruned to 20% / 50% against the weight-bytes limit
     python bench.py export --run runs/x   # the same for a run's export: sliced, and padded as nute.py pads it
     python bench.py eval      # zero-shot scoring: batched (shared contexts) vs one request per forward
@@ -159,6 +160,58 @@ def bench_train(args):
     per = 4 * (l7.n_layers * (l7.n_heads + l7.ffn_dim) + l7.dim + l7.n_layers * 2 * 8 * (2 * l7.dim))  # fp32 masks + q,v LoRA r=8
     print(f"LLaMA-7B, same queue layout: {per / 2**20:.2f} MB a snapshot; 49 snapshots (target 0.5) "
           f"{49 * per / 2**20:.0f} MB (paper Table 13: ~728 MB)")
+
+
+def pruning_step_fn(a, m, x, g, sparsity, skip=True):
+    """One pruning step (nute.micro_step and AdamW) of a student whose log_alpha sits at `sparsity` (moved by
+    nute.project_to_target), taught as in stage 1 (Eq. 8) by its own snapshot a.gap less sparse (the intact
+    model when there is none); skip: model.skip_zeros, leave out the units whose mask is 0."""
+    student = nute.init_student(a, m, g, {})
+    teacher = None
+    if sparsity > a.gap:
+        nute.project_to_target(student.log_alpha, sparsity - a.gap, m.config)
+        teacher = student.frozen()
+    nute.project_to_target(student.log_alpha, sparsity, m.config)
+    opt, mask = torch.optim.AdamW([*student.log_alpha.values(), *student.lora.values()], lr=1e-3), torch.ones(x.shape)
+
+    def step():
+        m.skip_zeros = skip
+        nute.micro_step(m, x, mask, student.adapter(g), teacher, True, a)
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
+def bench_skip(args):
+    """What leaving out the units whose mask is 0 saves (model.kept_units): an FFN's forward + backward by the
+    share of its units left out (model.MIN_SKIP is read off it), and the pruning step by the student's sparsity."""
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    m, _ = load(args.ckpt, dtype=dtype)
+    ffn, n = m.layers[0].feed_forward, m.config.ffn_dim
+    x = torch.randn(4, 256, m.config.dim, dtype=dtype, requires_grad=True)
+
+    def ffn_step(share, skip):
+        z = (torch.arange(n) >= round(share * n)).to(dtype)  # the first units left out
+        units = z.nonzero()[:, 0] if skip else None
+        z.requires_grad_()
+        return lambda: ffn(x, {}, "", z, units).sum().backward()
+    shares = (0.02, 0.05, 0.1, 0.2, 0.5)
+    t = iter(side_by_side([ffn_step(share, skip) for share in shares for skip in (False, True)], args.rounds))
+    print(f"SmolLM2-135M, {args.dtype}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds, medians\n")
+    print(f"| FFN units with z = 0 | forward + backward, all units (ms) | kept units only (ms) | speed-up |\n|---|---|---|---|")
+    for share in shares:
+        full, kept = next(t), next(t)
+        print(f"| {share:.0%} | {full * 1e3:.1f} | {kept * 1e3:.1f} | {full / kept:.2f}x |")
+    a = nute.get_args(["--ckpt", args.ckpt, "--dtype", args.dtype, "--seq-len", "256", "--batch-size", "4"])
+    tokens, g = torch.randint(1000, 20000, (4, 256), generator=torch.Generator().manual_seed(0)), torch.Generator()
+    levels = (0.0, 0.2, 0.5)
+    t = iter(side_by_side([pruning_step_fn(a, m, tokens, g, s, skip) for s in levels for skip in (False, True)], args.rounds))
+    print(f"\n| pruning step, 4 x 256: student / teacher sparsity | all units (tok/s) | kept units only (tok/s) | speed-up |"
+          f"\n|---|---|---|---|")
+    for s in levels:
+        full, kept = next(t), next(t)
+        teacher = f"{s - a.gap:.0%}" if s > a.gap else "intact"
+        print(f"| {s:.0%} / {teacher} | {tokens.numel() / full:.1f} | {tokens.numel() / kept:.1f} | {full / kept:.2f}x |")
 
 
 def structured_masks(config, target):
@@ -335,10 +388,11 @@ def cli_kd_tokens_per_s(ckpt, dtype, flags):
         return statistics.median(json.loads(line)["tokens_per_s"] for line in list(open(tmp + "/run/log.jsonl"))[2:])
 
 
-def bench_vs_hf(args):
+def bench_vs_hf(args, dtypes):
     """The same weights in transformers (+ peft for LoRA) and here, timed in interleaved rounds in one process:
     a no-grad forward, greedy decoding with prefill, and a KD step (ours: nute.train_step with masks sampled,
-    the teacher forward, the controller)."""
+    the teacher forward, the controller); then our pruning step at 20% and 50% (zero-masked units left out)
+    against the same HF KD step."""
     try:
         import peft
         import transformers
@@ -349,7 +403,7 @@ def bench_vs_hf(args):
           f"{model.FP32_ROWS} rows (model.SLOW_16BIT): {model.SLOW_16BIT[torch.bfloat16]}\n")
     if not args.profile:
         print("| what | dtype | Hugging Face | nute | nute / HF |\n|---|---|---|---|---|")
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in [{"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in dtypes]:
         ours, tok = load(args.ckpt, dtype=dtype)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint.save(ours, tok, tmp)
@@ -375,7 +429,9 @@ def bench_vs_hf(args):
             "same, our decode step compiled (`evaluate.py --compile`)": (
                 None, lambda: model.generate(ours, prompt, 192, step=compiled), 192),
             KD: (hf_kd_step, our_kd_step(ours), x.numel()),
-            "same, our blocks compiled (`nute.py --compile`)": (None, our_kd_step(compiled_blocks), x.numel())}
+            "same, our blocks compiled (`nute.py --compile`)": (None, our_kd_step(compiled_blocks), x.numel()),
+            **{f"pruning step at {s:.0%} (student; its teacher {s - a.gap:.0%})": (
+                None, pruning_step_fn(a, ours, x, g, s), x.numel()) for s in (0.2, 0.5)}}
         if args.profile:  # where the KD steps' time goes instead of the table: self CPU time per op
             for who, f in (("Hugging Face", hf_kd_step), ("nute", jobs[KD][1])):
                 print(f"\nKD step, {who}, {name}\n" + profile(f))
@@ -508,11 +564,12 @@ def bench_plan(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["gemm", "model", "train", "export", "eval", "layers", "plan", "llama-cpp", "vs-hf"])
+    p.add_argument("what", choices=["gemm", "model", "train", "skip", "export", "eval", "layers", "plan", "llama-cpp",
+                                    "vs-hf"])
     p.add_argument("--ckpt", default=str(data.default_model_path()))
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 (vs-hf: both)")
     p.add_argument("--steps", type=int, default=5, help="train: timed steps per configuration")
-    p.add_argument("--rounds", type=int, default=7, help="export, llama-cpp, gemm, vs-hf: interleaved timing rounds")
+    p.add_argument("--rounds", type=int, default=7, help="export, llama-cpp, gemm, skip, vs-hf: interleaved timing rounds")
     p.add_argument("--compile", action="store_true", help="export: time the torch.compiled decode step")
     p.add_argument("--profile", action="store_true", help="vs-hf: torch.profiler's top ops of both KD steps, no table")
     p.add_argument("--run", action="append", help="layers: a nute.py run whose masks the student uses; export: a run "
@@ -525,6 +582,7 @@ def main():
                    "timed, the others scaled by their weights per layer)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
+    dtypes, args.dtype = [args.dtype] if args.dtype else ["fp32", "bf16"], args.dtype or "bf16"
     torch.manual_seed(0)
     if args.one:
         one_config(args)
@@ -534,6 +592,8 @@ def main():
         bench_model(args)
     elif args.what == "train":
         bench_train(args)
+    elif args.what == "skip":
+        bench_skip(args)
     elif args.what == "export":
         bench_export(args)
     elif args.what == "layers":
@@ -543,7 +603,7 @@ def main():
     elif args.what == "llama-cpp":
         bench_llama_cpp(args)
     elif args.what == "vs-hf":
-        bench_vs_hf(args)
+        bench_vs_hf(args, dtypes)
     else:
         bench_eval(args)
 

@@ -305,9 +305,9 @@ def compiled_block():
 
 
 # A layer leaves out its zero-masked units from this share of them on: below it, copying the kept rows of the
-# weights costs more than the products it saves (`python bench.py skip`: an FFN's forward + backward on 4 x 256
-# tokens is 3-9% slower with 2% of its units left out, 2-5% faster with 5%, 12-15% with 20%).
-MIN_SKIP = 0.05
+# weights costs more than the products it saves (`python bench.py skip`, an FFN's forward + backward on 4 x 256
+# tokens, 2 threads: 5-6% slower with 5% of its units left out, 1-3% faster with 10%, 10% with 20%).
+MIN_SKIP = 0.1
 
 
 def kept_units(z):

@@ -384,6 +384,10 @@ def test_skipping_zero_masked_units_gives_the_same_outputs_and_gradients(n_kv):
                 v.grad = None
     assert (z["z_head"][1] == 0).all() and (z["z_int"][2] == 0).all() and (z["z_int"][0] != 0).sum() <= 12
     assert runs[1].pop("flops") < 0.8 * runs[0].pop("flops")
+    z = torch.ones(2, 20)
+    z[0, 0], z[1, [3, 7]] = 0, 0  # 5% and 10% of a layer's units: below MIN_SKIP all are kept, from it on not
+    assert M.MIN_SKIP == 0.1 and [None if k is None else k.tolist() for k in M.kept_units(z)] == [None, [
+        i for i in range(20) if i not in (3, 7)]]
     for k in runs[0]:
         torch.testing.assert_close(runs[1][k], runs[0][k], rtol=1e-12, atol=1e-13, msg=k)
 
