@@ -220,7 +220,8 @@ class Attention(nn.Module):
         return linear(y.flatten(2), self.wo.weight, adapter, name + "wo", cols=self.rows_of(heads))
 
     def rows_of(self, heads):  # head indices [n] -> their rows of wq [n * head_dim]
-        return None if heads is None else (heads[:, None] * self.head_dim + torch.arange(self.head_dim, device=heads.device)).flatten()
+        if heads is not None:
+            return (heads[:, None] * self.head_dim + torch.arange(self.head_dim, device=heads.device)).flatten()
 
     def attend(self, x, cos, sin, adapter, name, start_pos, heads=None):
         """x [B, T, dim] -> every head's output [B, T, heads, head_dim], before the output projection.
@@ -290,7 +291,8 @@ class Block(nn.Module):
                                  start_pos, adapter.get("heads"))
             h = h + (out if z_hid is None else out * z_hid.to(out.dtype))  # Eq. 1: z_hid on the output
         if self.feed_forward is not None:
-            out = self.feed_forward(self.ffn_norm(h), adapter, "feed_forward.", adapter.get("z_int"), adapter.get("units"))
+            out = self.feed_forward(self.ffn_norm(h), adapter, "feed_forward.", adapter.get("z_int"),
+                                    adapter.get("units"))
             h = h + (out if z_hid is None else out * z_hid.to(out.dtype))  # Eq. 2
         return h
 
