@@ -228,9 +228,9 @@ class Attention(nn.Module):
         heads: only these query heads (a forward without the cache; see kept_units)."""
         B, T, _ = x.shape
         kv_rows, kv_index, uniform = None, self.kv_index, self.uniform_gqa
-        if heads is not None and self.n_kv == self.n_heads:  # multi-head attention: head h reads kv head h
+        if heads is not None and self.uniform_gqa and self.n_kv == self.n_heads:  # head h reads kv head h
             kv_rows = self.rows_of(heads)
-        elif heads is not None:  # grouped-query: every kv head, each kept query head reads its own
+        elif heads is not None:  # grouped-query (or another layout): every kv head, each kept head reads its own
             kv_index, uniform = self.kv_index[heads], False
         q = linear(x, self.wq.weight, adapter, name + "wq", rows=self.rows_of(heads)).view(B, T, -1, self.head_dim)
         k = linear(x, self.wk.weight, adapter, name + "wk", rows=kv_rows).view(B, T, -1, self.head_dim)
@@ -316,7 +316,8 @@ def kept_units(z):
     """A mask [L, n] -> per layer the indices of its units with z != 0, or None to keep them all. A unit
     whose mask is exactly 0 adds nothing, and its sample (Eq. 10, clamped at 0) passes no gradient back to
     log_alpha: a forward can leave its rows out of the projections, with the same outputs and gradients
-    (the gradient of such an entry of z itself is then 0). One transfer to the CPU for all layers."""
+    (the gradient of such an entry of z itself is then 0, which the clamp discards; the one exception, a
+    pre-clamp value of exactly 0.0, has the chance of one float). One transfer to the CPU for all layers."""
     keep = (z != 0).cpu()
     return [None if (~row).sum() < MIN_SKIP * len(row) else row.nonzero()[:, 0].to(z.device) for row in keep]
 

@@ -355,14 +355,15 @@ def test_gradients_reach_lora_and_masks_not_the_base_weights():
     assert all(p.grad is None for p in m.parameters())
 
 
-@pytest.mark.parametrize("n_kv", [4, 2])
-def test_skipping_zero_masked_units_gives_the_same_outputs_and_gradients(n_kv):
+@pytest.mark.parametrize("layout", ["multi-head", "grouped-query", "permuted"])
+def test_skipping_zero_masked_units_gives_the_same_outputs_and_gradients(layout):
     """kept_units: the units whose sampled mask is exactly 0 are left out of the products (a layer losing every
     head or unit included). Float64: the logits, states and the gradients of log_alpha (through Eq. 10's clamp)
     and of LoRA on all seven projections are those of the full products, and the products cost fewer FLOPs."""
     import nute
     from torch.utils.flop_counter import FlopCounterMode
-    config = tiny_config(n_layers=3, n_kv_heads=n_kv)
+    kv_of_head = {"multi-head": None, "grouped-query": None, "permuted": [[1, 0, 3, 2], [0, 0, 1, 1], [1, 1, 0, 0]]}
+    config = tiny_config(n_layers=3, n_kv_heads=2 if layout == "grouped-query" else 4, kv_of_head=kv_of_head[layout])
     m, tok = make_model(config), tokens_for(config)
     log_alpha = {k: v.double() for k, v in nute.init_log_alpha(config, torch.Generator().manual_seed(0)).items()}
     log_alpha["z_head"][0, 1:3] = log_alpha["z_head"][1] = -30.0  # z = 0: two heads of layer 0, all of layer 1
