@@ -554,15 +554,15 @@ def pad_model(model, multiple=1, uniform=False):
     zeros = lambda *shape: torch.zeros(shape, dtype=ref.dtype, device=ref.device)
     up = lambda n: -(-n // multiple) * multiple
     rows = lambda w, idx: torch.cat([w[i * hd:(i + 1) * hd] if i is not None else zeros(hd, w.shape[1]) for i in idx])
+    group = c.n_heads // c.n_kv_heads
 
     def layout(kv_of_head):  # uniform: the model's own group size; else the group that costs fewest projection rows
         if uniform or not kv_of_head:
-            return regroup(kv_of_head, c.n_heads // c.n_kv_heads)
+            return regroup(kv_of_head, group)
         return min((regroup(kv_of_head, g) for g in range(1, len(kv_of_head) + 1)),
                    key=lambda s: (len(s[0]) + len(s[1]), len(s[1])))
     layouts = [layout(k) for k in c.kv_of_head]
     n_kv = max(len(kv) for _, kv in layouts)
-    group = c.n_heads // c.n_kv_heads
     ffn = max(up(f) for f in c.ffn_dims)
     d = up(c.dim)
     while uniform and d % (group * n_kv):  # transformers also wants the hidden size a multiple of the heads
@@ -580,8 +580,7 @@ def pad_model(model, multiple=1, uniform=False):
             new[p + "attention.wq.weight"] = pad_in(rows(wq, slots))
             new[p + "attention.wk.weight"] = pad_in(rows(wk, kv))
             new[p + "attention.wv.weight"] = pad_in(rows(wv, kv))
-            wo = sd.get(p + "attention.wo.weight", zeros(c.dim, 0))
-            wo = rows(wo.T, slots).T
+            wo = rows(sd.get(p + "attention.wo.weight", zeros(c.dim, 0)).T, slots).T
             new[p + "attention.wo.weight"] = torch.cat([wo, zeros(d - c.dim, wo.shape[1])])
         f = ffn if uniform else up(c.ffn_dims[i])
         ffn_dims.append(f)
@@ -599,9 +598,8 @@ def pad_model(model, multiple=1, uniform=False):
     new["tok_embeddings.weight"] = pad_in(sd["tok_embeddings.weight"])
     if not c.tie_embeddings:
         new["output.weight"] = pad_in(sd["output.weight"])
-    heads = [len(k) for k in kv_of_head]
     padded = ModelConfig(**{**asdict(c), "dim": d, "norm_eps": c.norm_eps * c.dim / d, "kv_of_head": kv_of_head,
                             "ffn_dims": ffn_dims})
     if uniform:  # the Hugging Face config's sizes
-        padded.n_heads, padded.n_kv_heads, padded.ffn_dim = heads[0], n_kv, ffn
+        padded.n_heads, padded.n_kv_heads, padded.ffn_dim = len(kv_of_head[0]), n_kv, ffn
     return build(padded, {k: v.contiguous() for k, v in new.items()})

@@ -558,8 +558,7 @@ def train(args):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="NutePrune: structured pruning with numerous teachers")
-    p.add_argument("--ckpt", help="HF folder, Meta folder, .gguf file or hub name ORG/NAME[@REV] "
-                   "(default: the fetched SmolLM2-135M)")
+    p.add_argument("--ckpt", help="HF, Meta or .gguf checkpoint, or hub name ORG/NAME[@REV] (default: fetched SmolLM2-135M)")
     p.add_argument("--target", type=float, default=0.2, help="target sparsity of the prunable weights, in (0, 1)")
     p.add_argument("--out", default="runs/default", help="run folder: settings, log.jsonl, checkpoint, export")
     p.add_argument("--data", help="training text (.txt, .jsonl[.gz] with 'text', <doc> wiki); default: fetched C4 + Wikipedia")
