@@ -540,6 +540,12 @@ def regroup(kv_of_head, group):
     return slots, kv
 
 
+def cheapest_layout(kv_of_head):
+    """regroup with the group size that costs the fewest projection rows (query slots + kv slots)."""
+    return min((regroup(kv_of_head, g) for g in range(1, len(kv_of_head) + 1)),
+               key=lambda s: (len(s[0]) + len(s[1]), len(s[1])))
+
+
 @torch.no_grad()
 def pad_model(model, multiple=1, uniform=False):
     """-> a model that computes exactly what `model` computes, in shapes other runtimes take: every layer's
@@ -554,14 +560,8 @@ def pad_model(model, multiple=1, uniform=False):
     zeros = lambda *shape: torch.zeros(shape, dtype=ref.dtype, device=ref.device)
     up = lambda n: -(-n // multiple) * multiple
     rows = lambda w, idx: torch.cat([w[i * hd:(i + 1) * hd] if i is not None else zeros(hd, w.shape[1]) for i in idx])
-    group = c.n_heads // c.n_kv_heads
-
-    def layout(kv_of_head):  # uniform: the model's own group size; else the group that costs fewest projection rows
-        if uniform or not kv_of_head:
-            return regroup(kv_of_head, group)
-        return min((regroup(kv_of_head, g) for g in range(1, len(kv_of_head) + 1)),
-                   key=lambda s: (len(s[0]) + len(s[1]), len(s[1])))
-    layouts = [layout(k) for k in c.kv_of_head]
+    group = c.n_heads // c.n_kv_heads  # uniform: the model's own group size; else the cheapest (cheapest_layout)
+    layouts = [regroup(k, group) if uniform or not k else cheapest_layout(k) for k in c.kv_of_head]
     n_kv = max(len(kv) for _, kv in layouts)
     ffn = max(up(f) for f in c.ffn_dims)
     d = up(c.dim)
