@@ -74,6 +74,12 @@ def bench_gemm(args):
                               lambda: F.linear(xb.float(), wb.float()).bfloat16()], args.rounds)
             print(f"| product {k} -> {n} | {rows} | {flops / t[0]:.1f} | {flops / t[1]:.1f} | {flops / t[2]:.1f} | "
                   f"{t[1] / t[2]:.2f}x |")
+        x = x[0]  # one row through torch.mv, as the model decodes (see model.FP32_ROWS)
+        xb, flops = x.bfloat16(), 2 * n * k / 1e9
+        t = side_by_side([lambda: torch.mv(w, x), lambda: torch.mv(wb, xb),
+                          lambda: torch.mv(wb.float(), xb.float()).bfloat16()], args.rounds)
+        print(f"| matrix-vector (torch.mv) {k} -> {n} | 1 | {flops / t[0]:.1f} | {flops / t[1]:.1f} | "
+              f"{flops / t[2]:.1f} | {t[1] / t[2]:.2f}x |")
     qkv = [torch.randn(4, 9, 256, 64, generator=g) for _ in range(3)]
 
     def attention(dtype, compute):

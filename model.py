@@ -95,6 +95,8 @@ def mask_sparsity(z, config):
 # fp32 too: only the order of the sums differs. Below it (decoding one token) casting the weight costs more
 # than it saves. CPUs with the instructions (there bf16 runs ~1.9x faster than fp32) and GPUs keep the
 # 16-bit kernels, and so do other CPUs (not measured here).
+# One row (decoding a token) goes through torch.mv on a CPU: PyTorch's bf16 matrix-vector kernel reads the
+# weight 1.5-2x faster there than F.linear's product of a 1-row matrix (`python bench.py gemm`), fp32 alike.
 FP32_ROWS = 64
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 SLOW_16BIT = {torch.bfloat16: X86 and not torch.cpu._is_avx512_bf16_supported(),
@@ -133,6 +135,8 @@ class FrozenLinear(torch.autograd.Function):
 
 def base_linear(x, weight, rows=None, cols=None):
     """y = x W^T, only W's `rows` / `cols` when given; in fp32 where the CPU's 16-bit kernel is slow (a frozen W)."""
+    if x.device.type == "cpu" and x.numel() == x.shape[-1] and rows is None and cols is None:
+        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], -1)  # one row: see FP32_ROWS
     fp32 = in_fp32(x) and not weight.requires_grad
     if weight.requires_grad or not (fp32 or rows is not None or cols is not None):
         return F.linear(x, part(weight, rows, cols))
