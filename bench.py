@@ -245,9 +245,12 @@ def weight_bytes_per_token(m):
 def bench_export(args):
     big = torch.ones(2**28)  # 1 GiB: a decode step reads every weight once, so reading memory is its limit
     read_gbs = big.numel() * 4 / timed(big.sum, 3) / 1e9
+    big = torch.ones(2**29, dtype=torch.bfloat16)  # the same bytes through PyTorch's bf16 kernel
+    bf16_gbs = big.numel() * 2 / timed(big.sum, 3) / 1e9
+    del big
     step = model.compile_decoding() if args.compile else model.decode_one_token
-    print(f"memory read: {read_gbs:.1f} GB/s (a sum over 1 GiB) on {torch.get_num_threads()} threads; decode step "
-          f"{'torch.compiled' if args.compile else 'eager'}\n")
+    print(f"memory read: {read_gbs:.1f} GB/s (a sum over 1 GiB; in bf16 {bf16_gbs:.1f} GB/s) on "
+          f"{torch.get_num_threads()} threads; decode step {'torch.compiled' if args.compile else 'eager'}\n")
     print("| dtype | model | params | weight MB read / token | decode tokens/s | ms / token | GB/s | of read limit "
           "| speed-up | bytes ratio | of bytes ratio |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
@@ -615,4 +618,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (checkpoint.LoadError, OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
