@@ -96,7 +96,7 @@ def mask_sparsity(z, config):
 # than it saves. CPUs with the instructions (there bf16 runs ~1.9x faster than fp32) and GPUs keep the
 # 16-bit kernels, and so do other CPUs (not measured here).
 # One row (decoding a token) goes through torch.mv on a CPU: PyTorch's bf16 matrix-vector kernel reads the
-# weight 1.5-2x faster there than F.linear's product of a 1-row matrix (`python bench.py gemm`).
+# weight 1.5-1.7x faster there than F.linear's product of a 1-row matrix (`python bench.py gemm`).
 FP32_ROWS = 64
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 SLOW_16BIT = {torch.bfloat16: X86 and not torch.cpu._is_avx512_bf16_supported(),

@@ -411,6 +411,25 @@ def test_16bit_products_on_the_cpu_are_float64_products_rounded(dtype, monkeypat
     assert type(M.base_linear(x[:1, :1], w).grad_fn).__name__ != "FrozenLinearBackward"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_goes_through_mv_and_equals_the_float64_product(dtype):
+    """Decoding's one row (model.base_linear -> torch.mv on a CPU): the float64 product rounded to the dtype,
+    in the input's shape; its gradients are F.linear's."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(160, 96, generator=g).to(dtype), torch.randn(1, 1, 96, generator=g).to(dtype)
+    want = x.double() @ w.double().T
+    for inp in (x, x[0, 0]):  # [1, 1, in] as in decoding, and a bare vector
+        y = M.base_linear(inp, w)
+        assert y.shape == (*inp.shape[:-1], 160) and y.dtype == dtype and y.grad_fn is None
+        assert ((y.double() - want.view(y.shape)).abs() <= want.abs().view(y.shape) * torch.finfo(dtype).eps + 1e-4).all()
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    M.base_linear(xg, wg).sum().backward()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    F.linear(xr, wr).sum().backward()
+    assert type(M.base_linear(xg, wg).grad_fn.next_functions[0][0]).__name__ == "MvBackward0"
+    torch.testing.assert_close((xg.grad, wg.grad), (xr.grad, wr.grad))
+
+
 def test_16bit_training_step_in_fp32_products_is_as_accurate_as_the_16bit_kernels(monkeypatch):
     """A bf16 forward and backward (masks and LoRA, 2 x 32 tokens) with the fp32 products and with PyTorch's
     bf16 kernels, each against float64 on the same weights: the logits and every mask's and LoRA's gradient
