@@ -6,7 +6,7 @@
     python bench.py skip      # what leaving out zero-masked units saves: an FFN by share left out, the pruning step
     python bench.py export    # decode speed of models pruned to 20% / 50% against the weight-bytes limit
     python bench.py export --run runs/x   # the same for a run's export: sliced, and padded as nute.py pads it
-    python bench.py eval      # zero-shot scoring: batched (shared contexts) vs one request per forward
+    python bench.py eval      # zero-shot scoring: batched (shared contexts) vs one request per forward; vs lm-eval
     python bench.py layers --run runs/x   # the layer loss (Eq. 6) per layer, plain and --layer-norm teacher
     python bench.py plan      # memory (and CPU time) of the paper's step for LLaMA-7B / 13B / 70B shapes
     python bench.py llama-cpp --run runs/a --run runs/b   # dense vs pruned GGUF in the real llama.cpp
@@ -469,6 +469,32 @@ def bench_eval(args):
                     for c, x in zip(*evaluate.make_example("arc_easy", d)[:2])]
         single = len(docs) / timed(lambda: [evaluate.score_requests(m, [r], batch_size=1) for r in requests], 1)
         print(f"| {str(dtype).split('.')[1]} | {batched:.2f} | {single:.2f} | {batched / single:.2f}x |")
+    try:
+        from lm_eval.api.instance import Instance
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        return print("\nlm-evaluation-harness is not installed (an optional peer): pip install lm-eval==0.4.13")
+    # The same requests through the harness's Hugging Face model, on the same weights saved as safetensors
+    pairs = [(c, x) for task in ("arc_easy", "hellaswag") for d in evaluate.read_task(task, 40)
+             for c, x in zip(*evaluate.make_example(task, d)[:2])]
+    print(f"\nAgainst lm-evaluation-harness (HFLM, loglikelihood): {len(pairs)} requests of the first 40 ARC-Easy and "
+          f"40 HellaSwag documents, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds, medians\n\n"
+          "| dtype | harness batch 8, req/s | harness batch 32, req/s | nute batch 32, req/s | nute / harness at 8 | "
+          "max abs. difference of log-likelihoods |\n|---|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        m, tok = load(args.ckpt, dtype=dtype)
+        requests = [evaluate.encode_pair(tok, c, x) for c, x in pairs]
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint.save(m, tok, tmp)
+            lms = [HFLM(pretrained=tmp, device="cpu", dtype=dtype, batch_size=b, add_bos_token=False) for b in (8, 32)]
+        instances = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+        ll = {}
+        jobs = [lambda lm=lm: ll.__setitem__(lm.batch_size, [s for s, _ in lm.loglikelihood(instances, True)])
+                for lm in lms] + [lambda: ll.__setitem__("nute", evaluate.score_requests(m, requests, batch_size=32))]
+        t8, t32, ours = side_by_side(jobs, args.rounds)
+        diff = max(abs(a - b) for a, b in zip(ll["nute"], ll[8]))
+        print(f"| {str(dtype).split('.')[1]} | {len(pairs) / t8:.1f} | {len(pairs) / t32:.1f} | {len(pairs) / ours:.1f} "
+              f"| {t8 / ours:.2f}x | {diff:.2g} |")
 
 
 def bench_layers(args):
@@ -578,7 +604,7 @@ def main():
     p.add_argument("--ckpt", default=str(data.default_model_path()))
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 (vs-hf: both)")
     p.add_argument("--steps", type=int, default=5, help="train: timed steps per configuration")
-    p.add_argument("--rounds", type=int, default=7, help="export, llama-cpp, gemm, skip, vs-hf: interleaved timing rounds")
+    p.add_argument("--rounds", type=int, default=7, help="export, llama-cpp, gemm, skip, vs-hf, eval: interleaved timing rounds")
     p.add_argument("--compile", action="store_true", help="export: time the torch.compiled decode step")
     p.add_argument("--profile", action="store_true", help="vs-hf: torch.profiler's top ops of both KD steps, no table")
     p.add_argument("--run", action="append", help="layers: a nute.py run whose masks the student uses; export: a run "

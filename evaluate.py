@@ -114,44 +114,57 @@ def encode_pair(tok, context, continuation):
 def score_requests(model, requests, adapter=None, batch_size=32, desc="scoring"):
     """requests: [(context ids, continuation ids)] -> summed log-prob of each continuation given its context.
 
-    Choices with the same context share its forward: the context is prefilled once into the KV cache, copied
-    to one cache row per choice, then all continuations run as one right-padded batch after it.
+    Choices with the same context share its forward, as a tree: the context once, then every choice's
+    continuation (all its tokens but the last), each at the positions it would have right after the context
+    and attending only to the context and to itself (tree attention). Trees are packed into rows as long as
+    the longest tree, so padding is rare, and only the positions that predict a continuation's tokens reach
+    the output layer. A forward holds at most batch_size * TOKENS_PER_ROW tokens.
     """
     device = model.tok_embeddings.weight.device
     groups = {}  # context ids -> indices of the requests that continue it
     for i, (ctx, cont) in enumerate(requests):
         groups.setdefault(tuple(ctx), []).append(i)
-    cont_len = lambda c: max(len(requests[i][1]) for i in groups[c])
-    # Longest first (like the harness): the first batch shows whether memory suffices; neighbours pad little.
-    order = sorted(groups, key=lambda c: (-len(c), -cont_len(c)))
-    # One prefill at start_pos 0 needs contexts of one length (padding inside the cache would be attended to),
-    # so a batch is a run of groups with equal context length, within the row and token budgets.
-    batches = []
-    for c in order:
-        b = batches[-1] if batches else []
-        n_rows = sum(len(groups[x]) for x in b + [c])
-        n_tokens = (len(b) + 1) * len(c) + n_rows * cont_len(b[0] if b else c)
-        if b and len(b[0]) == len(c) and n_rows <= batch_size and n_tokens <= batch_size * TOKENS_PER_ROW:
-            b.append(c)
-        else:
-            batches.append([c])
+    trees = []  # per context: tokens, positions, branch (0: the context, b: choice b), [(request, predicting positions)]
+    for ctx, choices in groups.items():
+        tokens, positions, branch, reads = list(ctx), list(range(len(ctx))), [0] * len(ctx), []
+        for b, i in enumerate(choices, 1):
+            cont = requests[i][1]
+            reads.append((i, [len(ctx) - 1, *range(len(tokens), len(tokens) + len(cont) - 1)]))
+            tokens += cont[:-1]
+            positions += range(len(ctx), len(ctx) + len(cont) - 1)
+            branch += [b] * (len(cont) - 1)
+        trees.append((tokens, positions, branch, reads))
+    # First fit, longest first, into rows of the longest tree's length
+    trees.sort(key=lambda t: -len(t[0]))
+    T, rows = len(trees[0][0]), []
+    for t in trees:
+        row = next((r for r in rows if sum(len(x[0]) for x in r) + len(t[0]) <= T), None)
+        rows.append([t]) if row is None else row.append(t)
+    per_forward = max(1, batch_size * TOKENS_PER_ROW // T)
     out = [0.0] * len(requests)
-    for batch in tqdm(batches, desc=desc, leave=False):
-        rows = [i for c in batch for i in groups[c]]  # one row per continuation
-        parent = torch.tensor([g for g, c in enumerate(batch) for _ in groups[c]], device=device)  # [N]
-        conts = [requests[i][1] for i in rows]
-        Lc, T = len(batch[0]), max(map(len, conts))
-        model.setup_cache(len(rows), Lc + T)
-        # [G, Lc, V] -> [N, 1, V]: the last context position predicts each continuation's first token
-        logits = model(torch.tensor(batch, device=device), adapter, start_pos=0)[:, -1:][parent]
-        model.reorder_cache(parent)  # each choice continues its own copy of its context's keys and values
-        target = torch.tensor([c + [0] * (T - len(c)) for c in conts], device=device)  # [N, T]
-        if T > 1:  # padding sits after each continuation's tokens, so causal attention keeps it out of them
-            logits = torch.cat([logits, model(target[:, :-1], adapter, start_pos=Lc)], dim=1)  # [N, T, V]
-        logp = logits.float().log_softmax(-1).gather(-1, target[..., None])[..., 0]  # [N, T]
-        real = torch.arange(T, device=device) < torch.tensor([len(c) for c in conts], device=device)[:, None]
-        for i, s in zip(rows, (logp * real).sum(-1).tolist()):
-            out[i] = s
+    for b in tqdm(range(0, len(rows), per_forward), desc=desc, leave=False):
+        tokens, positions, tree, branch, reads = [], [], [], [], []
+        for row in rows[b:b + per_forward]:
+            cat = lambda k: [v for t in row for v in t[k]]
+            start = [sum(len(x[0]) for x in row[:j]) for j in range(len(row))]  # where each tree begins
+            pad = T - sum(len(t[0]) for t in row)
+            tokens.append(cat(0) + [0] * pad)
+            positions.append(cat(1) + [0] * pad)
+            branch.append(cat(2) + [-1] * pad)
+            tree.append([j for j, t in enumerate(row) for _ in t[0]] + [-1] * pad)
+            reads += [(i, [len(tokens) * T - T + s + j for j in at]) for s, t in zip(start, row) for i, at in t[3]]
+        tokens, positions, tree, branch = (torch.tensor(x, device=device) for x in (tokens, positions, tree, branch))
+        # a query reads the earlier keys of its tree's context and of its own branch (padding reads padding)
+        order = torch.arange(T, device=device)
+        same = lambda x: x[:, :, None] == x[:, None, :]  # [B, T (query), T (key)]
+        mask = (order[:, None] >= order) & same(tree) & ((branch[:, None, :] == 0) | same(branch))
+        at = torch.tensor([j for _, js in reads for j in js], device=device)
+        target = torch.tensor([t for i, _ in reads for t in requests[i][1]], device=device)
+        logits = model(tokens, adapter, positions=positions, mask=mask[:, None], logits_at=at)  # [n, V]
+        logp = logits.float().log_softmax(-1).gather(-1, target[:, None])[:, 0].tolist()
+        n = 0
+        for i, js in reads:
+            out[i], n = sum(logp[n:n + len(js)]), n + len(js)
     return out
 
 

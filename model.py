@@ -174,7 +174,7 @@ def rope_tables(head_dim, max_len, theta):
 
 
 def apply_rope(x, cos, sin):
-    # x [B, T, heads, head_dim] in the rotate-half layout (Hugging Face); cos, sin [T, 1, head_dim/2]
+    # x [B, T, heads, head_dim] in the rotate-half layout (Hugging Face); cos, sin [T or B, T, 1, head_dim/2]
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -196,10 +196,6 @@ class KVCache:
         self.v[:B, start_pos:start_pos + T] = v
         return self.k[:B, :start_pos + T], self.v[:B, :start_pos + T]
 
-    def reorder(self, index):
-        """Row i becomes the old row index[i]: one copy of a shared context per continuation."""
-        self.k[:len(index)], self.v[:len(index)] = self.k[index], self.v[index]
-
 
 class Attention(nn.Module):
     def __init__(self, config, layer):
@@ -217,8 +213,8 @@ class Attention(nn.Module):
         self.uniform_gqa = kv_of_head == [h // group for h in range(self.n_heads)]
         self.kv_cache = None
 
-    def forward(self, x, cos, sin, adapter, name, z_head, start_pos, heads=None):
-        y = self.attend(x, cos, sin, adapter, name, start_pos, heads)  # [B, T, heads, head_dim]
+    def forward(self, x, cos, sin, adapter, name, z_head, start_pos, heads=None, mask=None):
+        y = self.attend(x, cos, sin, adapter, name, start_pos, heads, mask)  # [B, T, heads, head_dim]
         if z_head is not None:  # Eq. 1: each head's output scaled by its mask before the output projection
             y = y * (z_head if heads is None else z_head[heads]).to(y.dtype)[:, None]
         return linear(y.flatten(2), self.wo.weight, adapter, name + "wo", cols=self.rows_of(heads))
@@ -227,9 +223,10 @@ class Attention(nn.Module):
         if heads is not None:
             return (heads[:, None] * self.head_dim + torch.arange(self.head_dim, device=heads.device)).flatten()
 
-    def attend(self, x, cos, sin, adapter, name, start_pos, heads=None):
+    def attend(self, x, cos, sin, adapter, name, start_pos, heads=None, mask=None):
         """x [B, T, dim] -> every head's output [B, T, heads, head_dim], before the output projection.
-        heads: only these query heads (a forward without the cache; see kept_units)."""
+        heads: only these query heads (a forward without the cache; see kept_units). mask [B, 1, T, T]: which
+        keys each query reads (Transformer.forward), instead of the causal ones."""
         B, T, _ = x.shape
         kv_rows, kv_index, uniform = None, self.kv_index, self.uniform_gqa
         if heads is not None and self.uniform_gqa and self.n_kv == self.n_heads:  # head h reads kv head h
@@ -242,7 +239,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if not uniform:  # each query head reads its own kv head, copied before it enters the cache:
             k, v = k.index_select(2, kv_index), v.index_select(2, kv_index)  # O(1) per decoded token
-        mask, causal = None, True
+        causal = mask is None
         if start_pos is not None:  # KV cache: attend over everything so far
             k, v = self.kv_cache.update(start_pos, k, v)
             if start_pos > 0:  # query i sits at position start_pos + i
@@ -286,13 +283,13 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, h, cos, sin, adapter, start_pos):
+    def forward(self, h, cos, sin, adapter, start_pos, mask=None):
         """adapter: this layer's part (layer_adapter): keys without "layers.{i}.", its rows of z_head and
         z_int. Nothing here depends on the layer's index, so one torch.compile serves every block."""
         z_hid = adapter.get("z_hid")
         if self.attention is not None:  # a layer that lost every head passes its input through
             out = self.attention(self.attention_norm(h), cos, sin, adapter, "attention.", adapter.get("z_head"),
-                                 start_pos, adapter.get("heads"))
+                                 start_pos, adapter.get("heads"), mask)
             h = h + (out if z_hid is None else out * z_hid.to(out.dtype))  # Eq. 1: z_hid on the output
         if self.feed_forward is not None:
             out = self.feed_forward(self.ffn_norm(h), adapter, "feed_forward.", adapter.get("z_int"),
@@ -359,7 +356,8 @@ class Transformer(nn.Module):
         self.compile_blocks = False  # nute.py --compile: the blocks run through compiled_block() (not decoding)
         self.skip_zeros = True  # an eager forward without the cache leaves out units whose mask is 0 (kept_units)
 
-    def forward(self, tokens, adapter=None, start_pos=None, return_hidden=False):
+    def forward(self, tokens, adapter=None, start_pos=None, return_hidden=False, positions=None, mask=None,
+                logits_at=None):
         """tokens [B, T] -> logits [B, T, vocab], and with return_hidden the states the layer loss compares:
         Hugging Face's hidden_states[1:], i.e. the outputs of layers 0..L-2 and then the final *normed* state.
 
@@ -370,6 +368,9 @@ class Transformer(nn.Module):
         The student passes trainable tensors, a teacher a frozen snapshot: same base weights, no copy.
         Heads and units whose mask is exactly 0 are left out of the products (kept_units, skip_zeros).
         start_pos: None for a plain causal forward; an int to read and extend the KV cache (setup_cache).
+        positions [B, T] and mask [B, 1, T, T] (bool, True where a query reads a key): each token's position
+        and what it attends to, for packed sequences (evaluate.score_requests); default 0..T-1 and causal.
+        logits_at: flat indices into the B * T positions -> logits [n, vocab] of those only.
         """
         adapter = adapter or {}
         B, T = tokens.shape
@@ -377,20 +378,26 @@ class Transformer(nn.Module):
         if pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens is longer than max_seq_len {self.config.max_seq_len}")
         h = self.tok_embeddings(tokens)  # [B, T, dim]
-        cos, sin = (t[pos:pos + T, None, :].to(h.dtype) for t in (self.rope_cos, self.rope_sin))  # once, not per layer
+        if positions is None:  # once, not per layer: [T, 1, head_dim / 2]
+            cos, sin = (t[pos:pos + T, None, :].to(h.dtype) for t in (self.rope_cos, self.rope_sin))
+        else:  # [B, T, 1, head_dim / 2]
+            cos, sin = (t[positions][:, :, None, :].to(h.dtype) for t in (self.rope_cos, self.rope_sin))
         z_hid = adapter.get("z_hid")
         if z_hid is not None:
             h = h * z_hid.to(h.dtype)
-        hidden, run = [], compiled_block() if self.compile_blocks and start_pos is None else Block.__call__
+        compiled = self.compile_blocks and start_pos is None and mask is None
+        hidden, run = [], compiled_block() if compiled else Block.__call__
         # compiled blocks keep every unit: the kept counts change every step, and each new set of shapes recompiles
         skip = self.skip_zeros and start_pos is None and not self.compile_blocks
         for layer, a in zip(self.layers, layer_adapter(adapter, len(self.layers), skip)):
             if self.grad_checkpoint and torch.is_grad_enabled():  # keep each block's input, redo its inside in backward
-                h = torch.utils.checkpoint.checkpoint(run, layer, h, cos, sin, a, start_pos, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(run, layer, h, cos, sin, a, start_pos, mask, use_reentrant=False)
             else:
-                h = run(layer, h, cos, sin, a, start_pos)
+                h = run(layer, h, cos, sin, a, start_pos, mask)
             hidden.append(h)
         h = hidden[-1] = self.norm(h)  # [B, T, dim]
+        if logits_at is not None:
+            h = h.flatten(0, 1)[logits_at]  # [n, dim]
         logits = base_linear(h, self.tok_embeddings.weight if self.output is None else self.output.weight)
         return (logits, hidden) if return_hidden else logits
 
@@ -401,11 +408,6 @@ class Transformer(nn.Module):
             if (a := layer.attention) is not None:  # uneven groups (a pruned layer) keep a kv head per query head
                 a.kv_cache = KVCache(batch, max_len or self.config.max_seq_len, a.n_kv if a.uniform_gqa else a.n_heads,
                                      self.config.head_dim, w.dtype, w.device)
-
-    def reorder_cache(self, index):
-        for layer in self.layers:
-            if layer.attention is not None:
-                layer.attention.kv_cache.reorder(index)
 
 
 def build(config, state):

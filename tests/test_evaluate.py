@@ -67,18 +67,23 @@ def random_requests(seed=1):
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
-def test_batched_scores_equal_plain_loop(tiny, batch_size):
-    requests = random_requests()
-    prefills = []
-    hook = tiny.register_forward_hook(lambda m, a, kw, out: prefills.append(kw.get("start_pos") == 0), with_kwargs=True)
+def test_batched_scores_equal_plain_loop(tiny, batch_size, monkeypatch):
+    monkeypatch.setattr(E, "TOKENS_PER_ROW", 8)  # several forwards at batch sizes 1 and 3
+    requests = random_requests()  # 7 contexts of 1..12 tokens, 1..4 choices of 1..5 tokens each
+    fed, logits = [], []
+    hook = tiny.register_forward_hook(lambda m, a, out: fed.append(a[0].shape) or logits.append(out.shape))
     try:
         got = E.score_requests(tiny, requests, batch_size=batch_size)
     finally:
         hook.remove()
     want = [loop_loglik(tiny, c, x) for c, x in requests]
     assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
-    if batch_size == 64:  # one prefill per context length: several examples and their choices per forward
-        assert sum(prefills) == len({len(c) for c, _ in requests})
+    # each context once, each continuation token but the last once; little padding, bounded forwards
+    tree_tokens = sum(len(c) for c in {tuple(c) for c, _ in requests}) + sum(len(x) - 1 for _, x in requests)
+    T = fed[0][1]
+    assert tree_tokens <= sum(b * t for b, t in fed) < tree_tokens + 2 * T
+    assert all(b * t <= max(T, batch_size * 8) for b, t in fed) and (len(fed) == 1) == (batch_size == 64)
+    assert sum(s[0] for s in logits) == sum(len(x) for _, x in requests)  # only where continuations are predicted
 
 
 def test_scores_with_adapter(tiny):
