@@ -124,7 +124,7 @@ def score_requests(model, requests, adapter=None, batch_size=32, desc="scoring")
     groups = {}  # context ids -> indices of the requests that continue it
     for i, (ctx, cont) in enumerate(requests):
         groups.setdefault(tuple(ctx), []).append(i)
-    trees = []  # per context: tokens, positions, branch (0: the context, b: choice b), [(request, predicting positions)]
+    trees = []  # per context: tokens, positions, branch (0: context, b: choice b), [(request, predicting positions)]
     for ctx, choices in groups.items():
         tokens, positions, branch, reads = list(ctx), list(range(len(ctx))), [0] * len(ctx), []
         for b, i in enumerate(choices, 1):
