@@ -495,6 +495,9 @@ def bench_eval(args):
         diff = max(abs(a - b) for a, b in zip(ll["nute"], ll[8]))
         print(f"| {str(dtype).split('.')[1]} | {len(pairs) / t8:.1f} | {len(pairs) / t32:.1f} | {len(pairs) / ours:.1f} "
               f"| {t8 / ours:.2f}x | {diff:.2g} |")
+    trees = sum(map(len, {tuple(c) for c, _ in requests})) + sum(len(x) - 1 for _, x in requests)
+    print(f"\nToken positions run: the harness {sum(len(c) + len(x) - 1 for c, x in requests):,} (each request "
+          f"whole), nute {trees:,} (each context once, before padding)")
 
 
 def bench_layers(args):
