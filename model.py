@@ -309,31 +309,40 @@ def compiled_block():
 
 # A layer leaves out its zero-masked units from this share of them on: below it, copying the kept rows of the
 # weights costs more than the products it saves (`python bench.py skip`, an FFN's forward + backward on 4 x 256
-# tokens, 2 threads: 5-6% slower with 5% of its units left out, 1-3% faster with 10%, 10% with 20%).
+# tokens, 2 threads: 5-6% slower with 5% of its units left out, 1-3% faster with 10%, 10% with 20%). On a CPU
+# with AMX, whose bf16 products run ~5x its fp32 ones, the copies weigh more: in bf16 0.85-0.91x at 20%, 0.98-1.10x
+# at 30%, 1.01x at 40%, 1.23-1.26x at 50% (two runs; the pruning step at 20% 0.84x); in fp32 it stays near 10%.
 MIN_SKIP = 0.1
+MIN_SKIP_AMX_BF16 = 0.3
 
 
-def kept_units(z):
+def min_skip_for(weight):
+    """The MIN_SKIP of a model with this weight dtype and device."""
+    amx = weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported()
+    return MIN_SKIP_AMX_BF16 if amx else MIN_SKIP
+
+
+def kept_units(z, min_skip=MIN_SKIP):
     """A mask [L, n] -> per layer the indices of its units with z != 0, or None to keep them all. A unit
     whose mask is exactly 0 adds nothing, and its sample (Eq. 10, clamped at 0) passes no gradient back to
     log_alpha: a forward can leave its rows out of the projections, with the same outputs and gradients
     (the gradient of such an entry of z itself is then 0, which the clamp discards; the one exception, a
     pre-clamp value of exactly 0.0, has the chance of one float). One transfer to the CPU for all layers."""
     keep = (z != 0).cpu()
-    return [None if (~row).sum() < MIN_SKIP * len(row) else row.nonzero()[:, 0].to(z.device) for row in keep]
+    return [None if (~row).sum() < min_skip * len(row) else row.nonzero()[:, 0].to(z.device) for row in keep]
 
 
-def layer_adapter(adapter, n_layers, skip_zeros=False):
+def layer_adapter(adapter, n_layers, min_skip=None):
     """A flat adapter -> one dict per layer: "layers.{i}.attention.wq.lora_A" becomes "attention.wq.lora_A"
     of layer i, z_head and z_int give layer i their row i, z_hid and lora_scale go to every layer; with
-    skip_zeros also "heads" and "units", the kept_units of z_head and z_int."""
+    min_skip also "heads" and "units", the kept_units of z_head and z_int."""
     per_layer = [{k: adapter[k] for k in ("z_hid", "lora_scale") if k in adapter} for _ in range(n_layers)]
     for k, v in adapter.items():
         if k.startswith("layers."):
             i, name = k[len("layers."):].split(".", 1)
             per_layer[int(i)][name] = v
         elif k in ("z_head", "z_int"):
-            kept = kept_units(v) if skip_zeros else [None] * len(v)
+            kept = [None] * len(v) if min_skip is None else kept_units(v, min_skip)
             for i, row in enumerate(v):
                 per_layer[i][k] = row
                 if kept[i] is not None:
@@ -389,7 +398,8 @@ class Transformer(nn.Module):
         hidden, run = [], compiled_block() if compiled else Block.__call__
         # compiled blocks keep every unit: the kept counts change every step, and each new set of shapes recompiles
         skip = self.skip_zeros and start_pos is None and not self.compile_blocks
-        for layer, a in zip(self.layers, layer_adapter(adapter, len(self.layers), skip)):
+        min_skip = min_skip_for(self.tok_embeddings.weight) if skip else None
+        for layer, a in zip(self.layers, layer_adapter(adapter, len(self.layers), min_skip)):
             if self.grad_checkpoint and torch.is_grad_enabled():  # keep each block's input, redo its inside in backward
                 h = torch.utils.checkpoint.checkpoint(run, layer, h, cos, sin, a, start_pos, mask, use_reentrant=False)
             else:

@@ -389,6 +389,9 @@ def test_skipping_zero_masked_units_gives_the_same_outputs_and_gradients(layout)
     z[0, 0], z[1, [3, 7]] = 0, 0  # 5% and 10% of a layer's units: below MIN_SKIP all are kept, from it on not
     assert M.MIN_SKIP == 0.1 and [None if k is None else k.tolist() for k in M.kept_units(z)] == [None, [
         i for i in range(20) if i not in (3, 7)]]
+    assert M.kept_units(z, 0.15) == [None, None]
+    amx = torch.cpu._is_amx_tile_supported()  # bf16 on a CPU with AMX leaves units out from 30% on
+    assert [M.min_skip_for(torch.ones(1, dtype=d)) for d in (torch.float32, torch.bfloat16)] == [0.1, 0.3 if amx else 0.1]
     for k in runs[0]:
         torch.testing.assert_close(runs[1][k], runs[0][k], rtol=1e-12, atol=1e-13, msg=k)
 
