@@ -134,12 +134,21 @@ def score_requests(model, requests, adapter=None, batch_size=32, desc="scoring")
             positions += range(len(ctx), len(ctx) + len(cont) - 1)
             branch += [b] * (len(cont) - 1)
         trees.append((tokens, positions, branch, reads))
-    # First fit, longest first, into rows of the longest tree's length
+    # First fit, longest first, into rows of the longest tree's length (rows with no room for the shortest
+    # tree are not looked at again)
     trees.sort(key=lambda t: -len(t[0]))
-    T, rows = len(trees[0][0]), []
+    T, shortest, rows, used, open_rows = len(trees[0][0]), len(trees[-1][0]), [], [], []
     for t in trees:
-        row = next((r for r in rows if sum(len(x[0]) for x in r) + len(t[0]) <= T), None)
-        rows.append([t]) if row is None else row.append(t)
+        r = next((r for r in open_rows if used[r] + len(t[0]) <= T), None)
+        if r is None:
+            r = len(rows)
+            rows.append([])
+            used.append(0)
+            open_rows.append(r)
+        rows[r].append(t)
+        used[r] += len(t[0])
+        if used[r] + shortest > T:
+            open_rows.remove(r)
     per_forward = max(1, batch_size * TOKENS_PER_ROW // T)
     out = [0.0] * len(requests)
     for b in tqdm(range(0, len(rows), per_forward), desc=desc, leave=False):
@@ -152,7 +161,7 @@ def score_requests(model, requests, adapter=None, batch_size=32, desc="scoring")
             positions.append(cat(1) + [0] * pad)
             branch.append(cat(2) + [-1] * pad)
             tree.append([j for j, t in enumerate(row) for _ in t[0]] + [-1] * pad)
-            reads += [(i, [len(tokens) * T - T + s + j for j in at]) for s, t in zip(start, row) for i, at in t[3]]
+            reads += [(i, [(len(tokens) - 1) * T + s + j for j in at]) for s, t in zip(start, row) for i, at in t[3]]
         tokens, positions, tree, branch = (torch.tensor(x, device=device) for x in (tokens, positions, tree, branch))
         # a query reads the earlier keys of its tree's context and of its own branch (padding reads padding)
         order = torch.arange(T, device=device)

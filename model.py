@@ -310,8 +310,8 @@ def compiled_block():
 # A layer leaves out its zero-masked units from this share of them on: below it, copying the kept rows of the
 # weights costs more than the products it saves (`python bench.py skip`, an FFN's forward + backward on 4 x 256
 # tokens, 2 threads: 5-6% slower with 5% of its units left out, 1-3% faster with 10%, 10% with 20%). On a CPU
-# with AMX, whose bf16 products run ~5x its fp32 ones, the copies weigh more: in bf16 0.85-0.91x at 20%, 0.98-1.10x
-# at 30%, 1.01x at 40%, 1.23-1.26x at 50% (two runs; the pruning step at 20% 0.84x); in fp32 it stays near 10%.
+# with AMX, whose bf16 products run ~5x its fp32 ones, the copies weigh more: in bf16 0.85-0.93x at 20%, 0.98-1.10x
+# at 30%, 1.00-1.01x at 40%, 1.23-1.26x at 50% (three runs); in fp32 the cross-over stays near 10%.
 MIN_SKIP = 0.1
 MIN_SKIP_AMX_BF16 = 0.3
 
