@@ -384,8 +384,9 @@ class Transformer(nn.Module):
         adapter = adapter or {}
         B, T = tokens.shape
         pos = start_pos or 0
-        if pos + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {pos + T} tokens is longer than max_seq_len {self.config.max_seq_len}")
+        n = pos + T if positions is None else int(positions.max()) + 1  # packed rows may be longer than their parts
+        if n > self.config.max_seq_len:
+            raise ValueError(f"sequence of {n} tokens is longer than max_seq_len {self.config.max_seq_len}")
         h = self.tok_embeddings(tokens)  # [B, T, dim]
         if positions is None:  # once, not per layer: [T, 1, head_dim / 2]
             cos, sin = (t[pos:pos + T, None, :].to(h.dtype) for t in (self.rope_cos, self.rope_sin))

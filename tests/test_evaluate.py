@@ -86,6 +86,18 @@ def test_batched_scores_equal_plain_loop(tiny, batch_size, monkeypatch):
     assert sum(s[0] for s in logits) == sum(len(x) for _, x in requests)  # only where continuations are predicted
 
 
+def test_a_tree_longer_than_max_seq_len():
+    """Each request fits max_seq_len (64), its context with all choices after it does not."""
+    torch.manual_seed(0)
+    tiny = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
+                                   vocab_size=300, max_seq_len=64)).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(4)
+    ctx = torch.randint(3, 300, (40,), generator=g).tolist()
+    requests = [(ctx, torch.randint(3, 300, (20,), generator=g).tolist()) for _ in range(3)]  # a tree of 97 tokens
+    got = E.score_requests(tiny, requests)
+    assert got == pytest.approx([loop_loglik(tiny, c, x) for c, x in requests], rel=1e-5, abs=1e-6)
+
+
 def test_scores_with_adapter(tiny):
     torch.manual_seed(3)
     adapter = {"z_head": torch.rand(2, 4), "z_int": torch.rand(2, 128), "z_hid": torch.rand(64),
