@@ -488,13 +488,17 @@ def bench_eval(args):
             checkpoint.save(m, tok, tmp)
             lms = [HFLM(pretrained=tmp, device="cpu", dtype=dtype, batch_size=b, add_bos_token=False) for b in (8, 32)]
         instances = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
-        ll = {}
-        jobs = [lambda lm=lm: ll.__setitem__(lm.batch_size, [s for s, _ in lm.loglikelihood(instances, True)])
-                for lm in lms] + [lambda: ll.__setitem__("nute", evaluate.score_requests(m, requests, batch_size=32))]
-        t8, t32, ours = side_by_side(jobs, args.rounds)
+        ll = {}  # log-likelihoods: the harness's at batch 8, ours
+
+        def harness(lm):
+            ll[lm.batch_size] = [s for s, _ in lm.loglikelihood(instances, True)]
+
+        def ours():
+            ll["nute"] = evaluate.score_requests(m, requests, batch_size=32)
+        t8, t32, t = side_by_side([lambda: harness(lms[0]), lambda: harness(lms[1]), ours], args.rounds)
         diff = max(abs(a - b) for a, b in zip(ll["nute"], ll[8]))
-        print(f"| {str(dtype).split('.')[1]} | {len(pairs) / t8:.1f} | {len(pairs) / t32:.1f} | {len(pairs) / ours:.1f} "
-              f"| {t8 / ours:.2f}x | {diff:.2g} |")
+        print(f"| {str(dtype).split('.')[1]} | {len(pairs) / t8:.1f} | {len(pairs) / t32:.1f} | {len(pairs) / t:.1f} "
+              f"| {t8 / t:.2f}x | {diff:.2g} |")
     trees = sum(map(len, {tuple(c) for c, _ in requests})) + sum(len(x) - 1 for _, x in requests)
     print(f"\nToken positions run: the harness {sum(len(c) + len(x) - 1 for c, x in requests):,} (each request "
           f"whole), nute {trees:,} (each context once, before padding)")
