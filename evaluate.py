@@ -110,21 +110,15 @@ def encode_pair(tok, context, continuation):
     return whole[:n_ctx], whole[n_ctx:]
 
 
-@torch.no_grad()
-def score_requests(model, requests, adapter=None, batch_size=32, desc="scoring"):
-    """requests: [(context ids, continuation ids)] -> summed log-prob of each continuation given its context.
-
-    Choices with the same context share its forward, as a tree: the context once, then every choice's
-    continuation (all its tokens but the last), each at the positions it would have right after the context
-    and attending only to the context and to itself (tree attention). Trees are packed into rows as long as
-    the longest tree, so padding is rare, and only the positions that predict a continuation's tokens reach
-    the output layer. A forward holds at most batch_size * TOKENS_PER_ROW tokens.
-    """
-    device = model.tok_embeddings.weight.device
+def request_trees(requests):
+    """requests: [(context ids, continuation ids)] -> one tree per distinct context: (tokens, positions,
+    branch (0: the context, b: choice b), [(request, the indices of the tokens that predict its continuation)]).
+    A tree holds the context once, then every choice's continuation but its last token, each choice at the
+    positions it would have right after the context."""
     groups = {}  # context ids -> indices of the requests that continue it
     for i, (ctx, cont) in enumerate(requests):
         groups.setdefault(tuple(ctx), []).append(i)
-    trees = []  # per context: tokens, positions, branch (0: context, b: choice b), [(request, predicting positions)]
+    trees = []
     for ctx, choices in groups.items():
         tokens, positions, branch, reads = list(ctx), list(range(len(ctx))), [0] * len(ctx), []
         for b, i in enumerate(choices, 1):
@@ -134,9 +128,13 @@ def score_requests(model, requests, adapter=None, batch_size=32, desc="scoring")
             positions += range(len(ctx), len(ctx) + len(cont) - 1)
             branch += [b] * (len(cont) - 1)
         trees.append((tokens, positions, branch, reads))
-    # First fit, longest first, into rows of the longest tree's length (rows with no room for the shortest
-    # tree are not looked at again)
-    trees.sort(key=lambda t: -len(t[0]))
+    return trees
+
+
+def pack(trees):
+    """Trees -> rows of trees, each row at most as long as the longest tree (T): first fit, longest first.
+    Rows with no room left for the shortest tree are not looked at again. -> (rows, T)"""
+    trees = sorted(trees, key=lambda t: -len(t[0]))
     T, shortest, rows, used, open_rows = len(trees[0][0]), len(trees[-1][0]), [], [], []
     for t in trees:
         r = next((r for r in open_rows if used[r] + len(t[0]) <= T), None)
@@ -149,6 +147,20 @@ def score_requests(model, requests, adapter=None, batch_size=32, desc="scoring")
         used[r] += len(t[0])
         if used[r] + shortest > T:
             open_rows.remove(r)
+    return rows, T
+
+
+@torch.no_grad()
+def score_requests(model, requests, adapter=None, batch_size=32, desc="scoring"):
+    """requests: [(context ids, continuation ids)] -> summed log-prob of each continuation given its context.
+
+    Choices with the same context share its forward, as a tree (request_trees), each choice attending only to
+    the context and to itself (tree attention). Trees are packed into rows (pack), so padding is rare, and
+    only the positions that predict a continuation's tokens reach the output layer. A forward holds at most
+    batch_size * TOKENS_PER_ROW tokens.
+    """
+    device = model.tok_embeddings.weight.device
+    rows, T = pack(request_trees(requests))
     per_forward = max(1, batch_size * TOKENS_PER_ROW // T)
     out = [0.0] * len(requests)
     for b in tqdm(range(0, len(rows), per_forward), desc=desc, leave=False):
