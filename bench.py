@@ -201,7 +201,7 @@ def bench_skip(args):
         units = z.nonzero()[:, 0] if skip else None
         z.requires_grad_()
         return lambda: ffn(x, {}, "", z, units).sum().backward()
-    shares = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
+    shares = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
     t = iter(side_by_side([ffn_step(share, skip) for share in shares for skip in (False, True)], args.rounds))
     print(f"SmolLM2-135M, {args.dtype}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds, medians\n")
     print(f"| FFN units with z = 0 | forward + backward, all units (ms) | kept units only (ms) | speed-up |\n|---|---|---|---|")
