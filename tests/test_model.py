@@ -355,6 +355,22 @@ def test_gradients_reach_lora_and_masks_not_the_base_weights():
     assert all(p.grad is None for p in m.parameters())
 
 
+@pytest.mark.parametrize("amx", [False, True])
+def test_a_bf16_model_on_a_cpu_with_amx_leaves_units_out_from_30_percent(amx, monkeypatch):
+    """model.min_skip_for: the forward passes kept_units MIN_SKIP_AMX_BF16 for bf16 weights on a CPU with AMX
+    (there copying kept rows costs more than it saves below ~30%, `bench.py skip`), MIN_SKIP otherwise."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    config = tiny_config()
+    z = torch.ones(config.n_layers, config.ffn_dim)
+    z[:, :round(0.2 * config.ffn_dim)] = 0  # 20% of every layer's units
+    kept_units, seen = M.kept_units, []
+    monkeypatch.setattr(M, "kept_units", lambda z, min_skip: seen.append(min_skip) or kept_units(z, min_skip))
+    for dtype, want in ((torch.float32, 0.1), (torch.bfloat16, 0.3 if amx else 0.1)):
+        seen.clear()
+        make_model(config, dtype=dtype)(tokens_for(config), {"z_int": z})
+        assert seen == [want]
+
+
 @pytest.mark.parametrize("layout", ["multi-head", "grouped-query", "permuted"])
 def test_skipping_zero_masked_units_gives_the_same_outputs_and_gradients(layout):
     """kept_units: the units whose sampled mask is exactly 0 are left out of the products (a layer losing every
@@ -390,8 +406,6 @@ def test_skipping_zero_masked_units_gives_the_same_outputs_and_gradients(layout)
     assert M.MIN_SKIP == 0.1 and [None if k is None else k.tolist() for k in M.kept_units(z)] == [None, [
         i for i in range(20) if i not in (3, 7)]]
     assert M.kept_units(z, 0.15) == [None, None]
-    amx = torch.cpu._is_amx_tile_supported()  # bf16 on a CPU with AMX leaves units out from 30% on
-    assert [M.min_skip_for(torch.ones(1, dtype=d)) for d in (torch.float32, torch.bfloat16)] == [0.1, 0.3 if amx else 0.1]
     for k in runs[0]:
         torch.testing.assert_close(runs[1][k], runs[0][k], rtol=1e-12, atol=1e-13, msg=k)
 
