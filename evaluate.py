@@ -277,6 +277,18 @@ def latency(model, prompt_len=64, gen_len=256, adapter=None, runs=5, warmup=2, s
             "bandwidth_gb_s": weight_bytes * tok_s / 1e9, "runs": runs}
 
 
+def latencies(models, rounds=5, step=decode_one_token):
+    """{name: latency()} of several models timed in interleaved rounds, the median of each field, after one
+    round that warms up (and compiles): where the machine's speed drifts, it moves every model alike and
+    leaves their ratio."""
+    rows = {name: [] for name in models}
+    for _ in range(rounds + 1):
+        for name, m in models.items():
+            rows[name].append(latency(m, runs=1, warmup=0, step=step))
+    return {name: {**{k: statistics.median(r[k] for r in rs[1:]) for k in rs[0]}, "runs": rounds}
+            for name, rs in rows.items()}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Output
 
@@ -339,17 +351,20 @@ def trajectory(log_path, points=6):
             + f"\nlargest |expected sparsity - target| after a quarter of the warm-up: {gap:.4f}\n")
 
 
-def run_report(model, small, tok, adapter, out):
+def run_report(model, small, tok, adapter, out, step=decode_one_token):
     """The end of a nute.py run: held-out perplexity of the intact, masked and exported models, and the
     generation latency and size of the intact and exported models in the export's dtype (like with like:
-    the intact model as if saved the same way), printed and written to out/results.json."""
+    the intact model as if saved the same way; step: the decode step both run), printed and written to
+    out/results.json."""
     ids = text_ids(tok, "\n\n".join(data.default_texts()[1]))  # held-out Wikipedia, never trained on
     results = {"ppl@128": {"intact": perplexity(model, ids, 128), "masked": perplexity(model, ids, 128, adapter),
                            "exported": perplexity(small, ids, 128)}}
     intact = model.to(small.tok_embeddings.weight.dtype)  # the run is over: the training dtype is not needed
     weight_bytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
-    results["latency"] = {"intact": {**latency(intact), "disk_bytes": weight_bytes(intact)},
-                          "exported": {**latency(small), "disk_bytes": disk_size(out / "model" / "model.safetensors")}}
+    timed = latencies({"intact": intact, "exported": small}, step=step)
+    results["latency"] = {"intact": {**timed["intact"], "disk_bytes": weight_bytes(intact)},
+                          "exported": {**timed["exported"], "disk_bytes": disk_size(out / "model" / "model.safetensors")}}
+    results["decode_step"] = "eager" if step is decode_one_token else "compiled"
     print("held-out perplexity (seq_len 128): " + ", ".join(f"{k} {v:.2f}" for k, v in results["ppl@128"].items()))
     print(latency_table([{"method": k, "latency": v} for k, v in results["latency"].items()]))
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -31,8 +31,8 @@ import evaluate
 import hub
 from checkpoint import (LoadError, check_device, check_finite, check_run_folder, load, load_adapter, load_run_state,
                         open_run, save, save_adapter, save_gguf, save_run_state)
-from model import (LORA_TARGETS, MASKS, build, expected_size, mask_shapes, mask_sparsity, pad_model, prunable_size,
-                   slice_model)
+from model import (LORA_TARGETS, MASKS, build, compile_decoding, decode_one_token, expected_size, mask_shapes,
+                   mask_sparsity, pad_model, prunable_size, slice_model)
 
 # ----------------------------------------------------------------------------------------------------
 # Hard-concrete L0 masks (Louizos et al. 2017; paper Appendix A, Eq. 10)
@@ -607,7 +607,8 @@ def get_args(argv=None):
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block: the "
                    "student's activations are recomputed in backward (less memory, ~1/3 more compute)")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks for the training steps: "
-                   "the small ops between the products fuse (~1.15-1.2x a step on a CPU; ~1 min to compile)")
+                   "the small ops between the products fuse (~1.15-1.2x a step on a CPU; ~1 min to compile); and "
+                   "the decode step the end-of-run report times (a compile per model)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--stop-after", type=int, help="stop after N steps of this invocation (like a kill; --resume continues)")
@@ -696,7 +697,7 @@ def main(argv=None):
     print(f"exported {sum(p.numel() for p in small.parameters()):,} parameters "
           f"(intact {sum(p.numel() for p in model.parameters()):,}) to {out / 'model'}")
     if args.eval:
-        evaluate.run_report(model, small, tok, adapter, out)
+        evaluate.run_report(model, small, tok, adapter, out, compile_decoding() if args.compile else decode_one_token)
 
 
 if __name__ == "__main__":

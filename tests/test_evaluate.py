@@ -229,6 +229,15 @@ def test_table_and_latency(tiny):
     assert r["decode_tok_s"] > 0 and r["prefill_ms"] > 0 and r["params"] == sum(p.numel() for p in tiny.parameters())
 
 
+def test_latencies_interleave_the_models_and_drop_the_warm_up_round(monkeypatch):
+    calls, speed = [], iter([100, 1, 3, 30, 2, 20, 4, 40, 5, 50, 6, 60])  # a, b per round; round 0 is slow
+    fake = lambda m, runs, warmup, step: calls.append((m, runs, warmup, step)) or {"decode_tok_s": next(speed), "params": 7}
+    monkeypatch.setattr(E, "latency", fake)
+    r = E.latencies({"a": "A", "b": "B"}, rounds=5, step="S")
+    assert [c[0] for c in calls] == ["A", "B"] * 6 and all(c[1:] == (1, 0, "S") for c in calls)
+    assert r == {"a": {"decode_tok_s": 4, "params": 7, "runs": 5}, "b": {"decode_tok_s": 40, "params": 7, "runs": 5}}
+
+
 def run_cli(*args, env=None):
     return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)  # a hang fails; a busy machine does not
