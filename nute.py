@@ -606,9 +606,8 @@ def get_args(argv=None):
                    "(FSDP2), for a model that does not fit one device; default: each process holds them all")
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block: the "
                    "student's activations are recomputed in backward (less memory, ~1/3 more compute)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the blocks for the training steps: "
-                   "the small ops between the products fuse (~1.15-1.2x a step on a CPU; ~1 min to compile); and "
-                   "the decode step the end-of-run report times (a compile per model)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training blocks (the small ops between "
+                   "the products fuse: ~1.15-1.2x a step on a CPU, ~1 min to compile) and the report's decode step")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--stop-after", type=int, help="stop after N steps of this invocation (like a kill; --resume continues)")
