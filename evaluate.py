@@ -6,7 +6,7 @@
     python evaluate.py --ckpt M --compare pruned/ --latency                # generation speed side by side
 
 Zero-shot scores follow EleutherAI's lm-evaluation-harness and perplexity follows LLM-Pruner's script,
-so the numbers can sit next to the paper's tables (conventions in the README).
+so the numbers can sit next to the paper's tables (conventions in docs/guide.md).
 """
 import argparse
 import json
@@ -23,11 +23,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import hub
-from checkpoint import LoadError, check_device, load, load_adapter, run_base
-from model import compile_decoding, decode_one_token, generate, mask_sparsity, prefill
+from formats import hub
+from formats.checkpoint import LoadError, check_device, load, load_adapter, run_base
+from masks import mask_sparsity
+from model import compile_decoding, decode_one_token, generate, prefill
 
-TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+TASKS = list(data.TASKS)  # boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa
 # the paper's table: column name and the metric LLM-Pruner's convention reports in it
 COLUMNS = {"boolq": ("BoolQ", "acc"), "piqa": ("PIQA", "acc"), "hellaswag": ("HellaSwag", "acc_norm"),
            "winogrande": ("WinoGrande", "acc"), "arc_easy": ("ARC-e", "acc"),
@@ -59,6 +60,21 @@ def text_ids(tok, text):
     # Like Hugging Face's tokenizer(text) in LLM-Pruner: a BOS at the very start iff the tokenizer adds one
     # (LLaMA's SentencePiece does, SmolLM2's BPE does not).
     return ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) + tok.encode(text)
+
+
+HELDOUT = "held-out perplexity (all held-out Wikipedia documents, seq_len 128)"
+
+
+def heldout_perplexity(model, tok, adapter=None):
+    """HELDOUT, as the end-of-run report and `python evaluate.py` print it: the Wikipedia documents that
+    data.default_texts() holds out of training, joined with blank lines (as `--ppl` joins a file's), seq_len 128."""
+    return perplexity(model, text_ids(tok, "\n\n".join(data.default_texts()[1])), 128, adapter)
+
+
+@torch.no_grad()
+def continuation(model, tok, adapter=None, prompt="The capital of France is", n=16):
+    """A greedy continuation of the prompt: what a reader checks first."""
+    return tok.decode(generate(model, tok.encode(prompt), n, adapter, eos_id=tok.eos_id))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,22 +229,6 @@ def evaluate_task(model, tok, task, docs, adapter=None, batch_size=32):
             "acc_norm_stderr": stderr(acc_norm), "n": len(acc)}
 
 
-def parse_tasks(spec):
-    names = TASKS if spec == "all" else [t.strip() for t in spec.split(",") if t.strip()]
-    bad = [t for t in names if t not in TASKS]
-    if bad or not names:
-        raise ValueError(f"unknown task {', '.join(bad) or repr(spec)}; valid: {', '.join(TASKS)} or all")
-    return names
-
-
-def read_task(name, limit=None):
-    """A task's documents; with limit, the first `limit` of them (the same subset on every run)."""
-    path = data.task_path(name)
-    if not data.verified(path):
-        raise ValueError(f"{path}: task file missing or damaged; run `python data.py fetch --tasks`")
-    return data.read_jsonl(path)[:limit]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Latency (gpt-fast style): KV-cached greedy generation, timed with the device synchronized
 
@@ -323,20 +323,6 @@ def table(results, ppl_name="WikiText2"):
     return "\n".join(lines)
 
 
-def structure_table(adapter, config):
-    """The pruned structure in the layout of the paper's Tables 16-17."""
-    c = config
-    heads = (adapter["z_head"] > 0).sum(1).tolist()
-    ffn = (adapter["z_int"] > 0).sum(1).tolist()
-    lines = [f"Hidden dim: {int((adapter['z_hid'] > 0).sum())} of {c.dim}; "
-             f"sparsity of the prunable weights: {mask_sparsity(adapter, c):.4f}", "",
-             "| Layer | " + " | ".join(str(i) for i in range(c.n_layers)) + " |",
-             "|---" * (c.n_layers + 1) + "|",
-             f"| Head (of {c.n_heads}) | " + " | ".join(map(str, heads)) + " |",
-             f"| Intermediate dim (of {c.ffn_dim}) | " + " | ".join(map(str, ffn)) + " |"]
-    return "\n".join(lines) + "\n"
-
-
 def trajectory(log_path, points=6):
     """Target against expected sparsity (Eq. 3) at a few steps of a run's log, as a markdown table, and the
     largest gap once the ramp has covered a quarter of the target (a quarter of the warm-up)."""
@@ -356,16 +342,17 @@ def run_report(model, small, tok, adapter, out, step=decode_one_token):
     generation latency and size of the intact and exported models in the export's dtype (like with like:
     the intact model as if saved the same way; step: the decode step both run), printed and written to
     out/results.json."""
-    ids = text_ids(tok, "\n\n".join(data.default_texts()[1]))  # held-out Wikipedia, never trained on
-    results = {"ppl@128": {"intact": perplexity(model, ids, 128), "masked": perplexity(model, ids, 128, adapter),
-                           "exported": perplexity(small, ids, 128)}}
+    results = {"ppl@128": {"intact": heldout_perplexity(model, tok), "masked": heldout_perplexity(model, tok, adapter),
+                           "exported": heldout_perplexity(small, tok)},
+               "sample": {"intact": continuation(model, tok), "exported": continuation(small, tok)}}
     intact = model.to(small.tok_embeddings.weight.dtype)  # the run is over: the training dtype is not needed
     weight_bytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
     timed = latencies({"intact": intact, "exported": small}, step=step)
     results["latency"] = {"intact": {**timed["intact"], "disk_bytes": weight_bytes(intact)},
                           "exported": {**timed["exported"], "disk_bytes": disk_size(out / "model" / "model.safetensors")}}
     results["decode_step"] = "eager" if step is decode_one_token else "compiled"
-    print("held-out perplexity (seq_len 128): " + ", ".join(f"{k} {v:.2f}" for k, v in results["ppl@128"].items()))
+    print(f"{HELDOUT}: " + ", ".join(f"{k} {v:.2f}" for k, v in results["ppl@128"].items()))
+    print("\n".join(f"{k}: The capital of France is{v}" for k, v in results["sample"].items()))
     print(latency_table([{"method": k, "latency": v} for k, v in results["latency"].items()]))
     (out / "results.json").write_text(json.dumps(results, indent=1))
     if not all(math.isfinite(v) for v in results["ppl@128"].values()):
@@ -405,14 +392,14 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="--latency with the decode step torch.compiled "
                    "(a minute or two per model shape before the first token; the warm-up runs absorb it)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: weights in bf16, like the "
-                   "harness's dtype=bfloat16 (faster; README has how close it is)")
+                   "harness's dtype=bfloat16 (faster; docs/guide.md says how close it is)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ratio", default="", help="the Ratio cell of the first model (default: from masks / sizes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --latency prompt")
     p.add_argument("--out", help="JSON with every number (default: RUN/eval.json or ./eval.json)")
     args = p.parse_args(argv)
     # check everything cheap before loading anything
-    args.tasks = parse_tasks(args.tasks) if args.tasks else []
+    args.tasks = data.parse_tasks(args.tasks) if args.tasks else []
     if args.ppl and not os.path.isfile(args.ppl):
         raise ValueError(f"--ppl {args.ppl}: no such file")
     if args.run and not os.path.isfile(os.path.join(args.run, "adapter.safetensors")):
@@ -435,12 +422,8 @@ def get_args(argv=None):
 
 def demo(model, tok, adapter, args):
     """No task given: a quick look at a model, perplexity on a fixed slice of held-out text and a sample."""
-    _, held = data.default_texts()  # Wikipedia documents never used for pruning
-    ids = text_ids(tok, "\n\n".join(held)[:60_000])[:8192]  # a fixed slice: the first 8192 tokens
-    ppl = perplexity(model, ids, args.seq_len, adapter, args.batch_size)
-    print(f"perplexity, {len(ids) // args.seq_len} x {args.seq_len} held-out Wikipedia tokens: {ppl:.2f}")
-    prompt = "The capital of France is"
-    print(prompt + tok.decode(generate(model, tok.encode(prompt), 16, adapter, eos_id=tok.eos_id)))
+    print(f"{HELDOUT}: {heldout_perplexity(model, tok, adapter):.2f}")
+    print("The capital of France is" + continuation(model, tok, adapter))
 
 
 def evaluate_model(model, tok, adapter, docs, path, args):
@@ -464,7 +447,7 @@ def evaluate_model(model, tok, adapter, docs, path, args):
 
 def main(argv=None):
     args = get_args(argv)
-    docs = {t: read_task(t, args.limit) for t in args.tasks}
+    docs = {t: data.read_task(t, args.limit) for t in args.tasks}
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     results = []
     for i, path in enumerate([args.ckpt] + args.compare):

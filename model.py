@@ -3,21 +3,23 @@
 One set of frozen base weights runs the intact model, the masked student, any teacher snapshot and
 (after export) a physically smaller model. Masks and LoRA never live inside the model: they arrive
 with each forward as an *adapter*, a flat dict of tensors (the contract is in `Transformer.forward`).
-This file opens no file: checkpoint.py reads and writes every format.
+This file opens no file (formats/checkpoint.py reads and writes every format); the masks' own math is in
+masks.py and the CPU fast paths in kernels.py, the only file it imports.
 
-    model = build(config, state_dict)            # checkpoint.load(path) does this for real checkpoints
+    model = build(config, state_dict)            # formats.checkpoint.load(path) does this for real checkpoints
     logits = model(tokens, adapter)              # [B, T] -> [B, T, vocab]
     ids = generate(model, prompt_ids, 32)        # greedy, KV-cached
     small = slice_model(model, adapter)          # the pruned model, really smaller
 """
 import functools
 import math
-import platform
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kernels import MIN_SKIP, base_linear, in_fp32, min_skip_for
 
 
 @dataclass
@@ -48,100 +50,28 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The adapter contract: which masks exist, what they cost (Eq. 3), and the LoRA key names
+# LoRA (Eq. 4): W x + B A x * alpha / r, A random, B zero, so training starts from the intact model.
+# Keys: "{weight name}.lora_A" [r, in] and ".lora_B" [out, r], e.g. "layers.3.attention.wq.lora_A"
 
-MASKS = ("z_head", "z_int", "z_hid")
-# LoRA keys are "{weight name}.lora_A" [r, in] and ".lora_B" [out, r], e.g. "layers.3.attention.wq.lora_A"
 LORA_TARGETS = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "attention.wo",
                 "gate": "feed_forward.w1", "up": "feed_forward.w3", "down": "feed_forward.w2"}
 
 
-def mask_shapes(config):
-    return {"z_head": (config.n_layers, config.n_heads), "z_int": (config.n_layers, config.ffn_dim),
-            "z_hid": (config.dim,)}
-
-
-def prunable_size(config):
-    """M: parameters of all attention and FFN projections (embeddings, norms and lm_head excluded)."""
-    c = config
-    return c.n_layers * (2 * c.dim * c.head_dim * (c.n_heads + c.n_kv_heads) + 3 * c.dim * c.ffn_dim)
-
-
-def expected_size(p_head, p_int, p_hid, config):
-    """Eq. 3 with keep probabilities [L, H], [L, F], [D] (or binary masks: then it is the exact count).
-    sum_h sum_k z_head[h] z_hid[k] is sum(z_head) * sum(z_hid): a product of sums, never an outer product.
-    Grouped-query attention: a kv head's k and v rows stay while any query head of its group does; with
-    one query head per group (multi-head attention) this is exactly Eq. 3's 4 * d_h per head."""
-    c = config
-    group = c.n_heads // c.n_kv_heads
-    p_kv = 1 - (1 - p_head).reshape(c.n_layers, c.n_kv_heads, group).prod(-1)  # [L, H_kv]
-    per_hidden_dim = 2 * c.head_dim * (p_head.sum() + p_kv.sum()) + 3 * p_int.sum()
-    return per_hidden_dim * p_hid.sum()
-
-
-def mask_sparsity(z, config):
-    """Eq. 3 on binary masks (an absent mask keeps everything): exactly the share of the projection
-    weights that `slice_model` removes."""
-    kept = [(z[k].cpu() > 0).float() if k in z else torch.ones(shape) for k, shape in mask_shapes(config).items()]
-    return 1 - expected_size(*kept, config).item() / prunable_size(config)
+def init_lora(model, targets, rank, gen, lora=None):
+    """Adds LoRA pairs for `targets` (keeping pairs already in `lora`) -> {name: fp32 tensor}."""
+    lora = dict(lora or {})
+    for i, layer in enumerate(model.layers):
+        for t in targets:
+            name = f"layers.{i}.{LORA_TARGETS[t]}"
+            out_dim, in_dim = layer.get_submodule(LORA_TARGETS[t]).weight.shape
+            if name + ".lora_A" not in lora:  # A ~ U(-1/sqrt(in), 1/sqrt(in)) as nn.Linear; B = 0
+                lora[name + ".lora_A"] = (torch.rand(rank, in_dim, generator=gen) * 2 - 1) / math.sqrt(in_dim)
+                lora[name + ".lora_B"] = torch.zeros(out_dim, rank)
+    return lora
 
 
 # ----------------------------------------------------------------------------------------------------
 # The network
-
-# On an x86 CPU without AVX512-BF16, PyTorch's bf16 matrix products and attention run 2-6x slower than its
-# fp32 ones (`python bench.py gemm`), fp16 likewise without AMX-FP16; so from FP32_ROWS rows on such a CPU
-# multiplies 16-bit operands in fp32. Their products are exact in fp32 and the 16-bit kernels accumulate in
-# fp32 too: only the order of the sums differs. Below it (decoding one token) casting the weight costs more
-# than it saves. CPUs with the instructions (there bf16 runs ~1.9x faster than fp32) and GPUs keep the
-# 16-bit kernels, and so do other CPUs (not measured here).
-# One row (decoding a token) goes through torch.mv on a CPU: PyTorch's bf16 matrix-vector kernel reads the
-# weight 1.5-1.7x faster there than F.linear's product of a 1-row matrix (`python bench.py gemm`).
-FP32_ROWS = 64
-X86 = platform.machine().lower() in ("x86_64", "amd64")
-SLOW_16BIT = {torch.bfloat16: X86 and not torch.cpu._is_avx512_bf16_supported(),
-              torch.float16: X86 and not torch.cpu._is_amx_fp16_supported()}
-
-
-def in_fp32(x):
-    """Whether a product with these activations [..., in] runs in fp32 (see FP32_ROWS)."""
-    return x.device.type == "cpu" and SLOW_16BIT.get(x.dtype, False) and x.numel() >= FP32_ROWS * x.shape[-1]
-
-
-def part(weight, rows=None, cols=None):
-    """W [out, in] -> W[rows][:, cols]: only the outputs `rows` and inputs `cols` (None: all of them)."""
-    weight = weight if rows is None else weight.index_select(0, rows)
-    return weight if cols is None else weight.index_select(1, cols)
-
-
-class FrozenLinear(torch.autograd.Function):
-    """y = x W[rows][:, cols]^T for a frozen W, in fp32 when `fp32` (16-bit x and W, see FP32_ROWS). Autograd
-    through F.linear(x.float(), part(W).float()) would keep that fp32 / sliced copy of W until the backward;
-    this keeps W itself and slices and casts it again there."""
-
-    @staticmethod
-    def forward(ctx, x, weight, rows, cols, fp32):
-        ctx.save_for_backward(weight, rows, cols)
-        ctx.fp32 = fp32
-        w = part(weight, rows, cols)
-        return F.linear(x.float(), w.float()).to(x.dtype) if fp32 else F.linear(x, w)
-
-    @staticmethod
-    def backward(ctx, g):  # g [..., out] -> dL/dx [..., in]; no gradient for the frozen weight
-        weight, rows, cols = ctx.saved_tensors
-        w = part(weight, rows, cols)
-        return ((g.float() @ w.float()).to(g.dtype) if ctx.fp32 else g @ w), None, None, None, None
-
-
-def base_linear(x, weight, rows=None, cols=None):
-    """y = x W^T, only W's `rows` / `cols` when given; in fp32 where the CPU's 16-bit kernel is slow (a frozen W)."""
-    if x.device.type == "cpu" and x.numel() == x.shape[-1] and rows is None and cols is None:
-        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], -1)  # one row: see FP32_ROWS
-    fp32 = in_fp32(x) and not weight.requires_grad
-    if weight.requires_grad or not (fp32 or rows is not None or cols is not None):
-        return F.linear(x, part(weight, rows, cols))
-    return FrozenLinear.apply(x, weight, rows, cols, fp32)
-
 
 def linear(x, weight, adapter, name, rows=None, cols=None):
     """y = W x, plus the LoRA branch B A x * scale when the adapter has one for this weight (Eq. 4);
@@ -307,19 +237,6 @@ def compiled_block():
     return torch.compile(Block.__call__)
 
 
-# A layer leaves out its zero-masked units from this share of them on: below it, copying the kept rows of the
-# weights costs more than the products it saves (`python bench.py skip`, an FFN's forward + backward on 4 x 256
-# tokens, 2 threads: 5-6% slower with 5% of its units left out, 1-3% faster with 10%, 10% with 20%). On a CPU
-# with AMX, whose bf16 products run ~5x its fp32 ones, the copies weigh more: in bf16 0.85-0.93x at 20%, 0.98-1.10x
-# at 30%, 1.00-1.01x at 40%, 1.23-1.26x at 50% (three runs); in fp32 the cross-over stays near 10%.
-MIN_SKIP = 0.1
-MIN_SKIP_AMX_BF16 = 0.3
-
-
-def min_skip_for(weight):
-    """The MIN_SKIP of a model with this weight dtype and device."""
-    amx = weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported()
-    return MIN_SKIP_AMX_BF16 if amx else MIN_SKIP
 
 
 def kept_units(z, min_skip=MIN_SKIP):
@@ -541,82 +458,3 @@ def slice_model(model, adapter):
     small = ModelConfig(**{**asdict(c), "dim": k, "norm_eps": c.norm_eps * d / k,
                            "kv_of_head": kv_of_head, "ffn_dims": ffn_dims})
     return build(small, {key: v.to(model.tok_embeddings.weight.dtype).contiguous() for key, v in new.items()})
-
-
-def regroup(kv_of_head, group):
-    """A layer's heads in llama.cpp's and Hugging Face's fixed layout, where query slot s reads kv slot s // group:
-    -> (slots: the query head in each slot, None for a zero head; kv: the kv head in each kv slot). Each kv
-    head keeps its query heads in runs of `group`; a short run is filled with zero heads."""
-    slots, kv = [], []
-    for j in sorted(set(kv_of_head)):
-        heads = [h for h, k in enumerate(kv_of_head) if k == j]
-        for start in range(0, len(heads), group):
-            run = heads[start:start + group]
-            slots += run + [None] * (group - len(run))
-            kv.append(j)
-    return slots, kv
-
-
-def cheapest_layout(kv_of_head):
-    """regroup with the group size that costs the fewest projection rows (query slots + kv slots)."""
-    return min((regroup(kv_of_head, g) for g in range(1, len(kv_of_head) + 1)),
-               key=lambda s: (len(s[0]) + len(s[1]), len(s[1])))
-
-
-@torch.no_grad()
-def pad_model(model, multiple=1, uniform=False):
-    """-> a model that computes exactly what `model` computes, in shapes other runtimes take: every layer's
-    attention in the fixed GQA layout (`regroup`), the hidden dim and FFN widths rounded up to `multiple`
-    (GGUF's 32-element blocks) with zero units, and with `uniform` every layer the same size (Hugging Face
-    configs have one size for all layers, and a hidden size that the head count divides). Zero units add
-    nothing: a zero FFN unit has silu(0) * 0 = 0, a zero head has zero output rows; zero hidden dims stay
-    zero, and the RMSNorms divide by the kept dims only (weight * sqrt(d/d'), eps * d/d', as in slice_model)."""
-    c, hd = model.config, model.config.head_dim
-    sd = model.state_dict()
-    ref = sd["tok_embeddings.weight"]
-    zeros = lambda *shape: torch.zeros(shape, dtype=ref.dtype, device=ref.device)
-    up = lambda n: -(-n // multiple) * multiple
-    rows = lambda w, idx: torch.cat([w[i * hd:(i + 1) * hd] if i is not None else zeros(hd, w.shape[1]) for i in idx])
-    group = c.n_heads // c.n_kv_heads  # uniform: the model's own group size; else the cheapest (cheapest_layout)
-    layouts = [regroup(k, group) if uniform or not k else cheapest_layout(k) for k in c.kv_of_head]
-    n_kv = max(len(kv) for _, kv in layouts)
-    ffn = max(up(f) for f in c.ffn_dims)
-    d = up(c.dim)
-    while uniform and d % (group * n_kv):  # transformers also wants the hidden size a multiple of the heads
-        d = up(d + 1)
-    pad_in = lambda w: torch.cat([w, zeros(w.shape[0], d - w.shape[1])], 1)  # new input dims read nothing
-    new, kv_of_head, ffn_dims = {}, [], []
-    for i, (slots, kv) in enumerate(layouts):
-        p = f"layers.{i}."
-        if uniform:  # fill up to n_kv kv heads, each with `group` zero query heads
-            slots, kv = slots + [None] * group * (n_kv - len(kv)), kv + [None] * (n_kv - len(kv))
-        g = len(slots) // max(1, len(kv))
-        kv_of_head.append([s // g for s in range(len(slots))])
-        if slots:
-            wq, wk, wv = (sd.get(p + f"attention.{w}.weight", zeros(0, c.dim)) for w in ("wq", "wk", "wv"))
-            new[p + "attention.wq.weight"] = pad_in(rows(wq, slots))
-            new[p + "attention.wk.weight"] = pad_in(rows(wk, kv))
-            new[p + "attention.wv.weight"] = pad_in(rows(wv, kv))
-            wo = rows(sd.get(p + "attention.wo.weight", zeros(c.dim, 0)).T, slots).T
-            new[p + "attention.wo.weight"] = torch.cat([wo, zeros(d - c.dim, wo.shape[1])])
-        f = ffn if uniform else up(c.ffn_dims[i])
-        ffn_dims.append(f)
-        if f:
-            for w in ("w1", "w3"):
-                old = sd.get(p + f"feed_forward.{w}.weight", zeros(0, c.dim))
-                new[p + f"feed_forward.{w}.weight"] = pad_in(torch.cat([old, zeros(f - len(old), c.dim)]))
-            w2 = sd.get(p + "feed_forward.w2.weight", zeros(c.dim, 0))
-            w2 = torch.cat([w2, zeros(c.dim, f - w2.shape[1])], 1)
-            new[p + "feed_forward.w2.weight"] = torch.cat([w2, zeros(d - c.dim, f)])
-    norm = lambda w: torch.cat([w * math.sqrt(c.dim / d), zeros(d - c.dim)])
-    for key, w in sd.items():
-        if key.endswith("norm.weight"):
-            new[key] = norm(w)
-    new["tok_embeddings.weight"] = pad_in(sd["tok_embeddings.weight"])
-    if not c.tie_embeddings:
-        new["output.weight"] = pad_in(sd["output.weight"])
-    padded = ModelConfig(**{**asdict(c), "dim": d, "norm_eps": c.norm_eps * c.dim / d, "kv_of_head": kv_of_head,
-                            "ffn_dims": ffn_dims})
-    if uniform:  # the Hugging Face config's sizes
-        padded.n_heads, padded.n_kv_heads, padded.ffn_dim = len(kv_of_head[0]), n_kv, ffn
-    return build(padded, {k: v.contiguous() for k, v in new.items()})

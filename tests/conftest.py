@@ -1,4 +1,4 @@
-"""Shared test setup: import the repo's flat modules, and find the real SmolLM2 checkpoint if it is here.
+"""Shared test setup: put the repository on the import path, and find the real SmolLM2 checkpoint if it is here.
 Tiny models and checkpoint writers live in helpers.py."""
 import os
 import sys
@@ -8,8 +8,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import checkpoint  # noqa: E402  (after the path insert)
-import gguf  # noqa: E402
+from formats import checkpoint, gguf  # noqa: E402  (after the path insert)
 
 SMOLLM = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 import model as M
-import tokenizer
-from checkpoint import save
+from formats import tokenizer
+from formats.checkpoint import save
 from model import ModelConfig, Transformer
 
 # ----------------------------------------------------------------------------------------------------

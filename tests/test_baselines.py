@@ -5,7 +5,7 @@ import torch
 
 import baselines as B
 from helpers import make_model, tiny_config, tokens_for
-from model import mask_sparsity
+from masks import mask_sparsity
 
 
 @pytest.fixture

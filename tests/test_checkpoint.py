@@ -1,4 +1,4 @@
-"""Tests for checkpoint.py: each layout (Hugging Face, Meta, GGUF) written by tests/helpers.py, loaded back
+"""Tests for formats/checkpoint.py and formats/gguf.py: each layout (Hugging Face, Meta, GGUF) written by tests/helpers.py, loaded back
 and compared logit for logit; the GGUF reader against ggml's block formulas; bad files give LoadError."""
 import io
 import json
@@ -11,11 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 import baselines
-import checkpoint as C
-import gguf
+import masks
 import model as M
-import tokenizer as tokenizer_module
-from checkpoint import LoadError
+from formats import checkpoint as C
+from formats import gguf, layout
+from formats import tokenizer as tokenizer_module
+from formats.checkpoint import LoadError
 from helpers import (ARR, BOOL, F32_, F64_, GGUF_TOKENS, I8, I16, I32, I64, STR, TO_HF, U8, U16, U32, U64, close,
                      external_name, gguf_bytes, gguf_config, gguf_tokenizer_kvs, hf_config_dict, make_model, make_tiny,
                      quantize, SENTENCE_TEXT, tiny_config, to_interleaved_state, tokens_for, write_gguf, write_hf,
@@ -426,7 +427,7 @@ def pruned_tiny(config):
     """A model pruned unevenly: layer 0 loses every head, layer 1 its FFN, layer 2 both, layer 3 half a kv group;
     7 hidden dims go. -> (the intact model, the sliced one)."""
     m = make_model(config, dtype=torch.float32)
-    z = {k: torch.ones(s) for k, s in M.mask_shapes(config).items()}
+    z = {k: torch.ones(s) for k, s in masks.mask_shapes(config).items()}
     z["z_head"][0] = 0
     z["z_int"][1] = 0
     z["z_head"][2], z["z_int"][2] = 0, 0
@@ -458,12 +459,12 @@ def test_save_gguf_pruned_model_is_deci(tmp_path, kind):
 
 
 def test_checkpoint_command_line_writes_gguf_and_hf_folders(tmp_path):
-    """python checkpoint.py --run R --out X: a run's pruned model as GGUF and as a uniform HF folder."""
+    """python -m formats.checkpoint --run R --out X: a run's pruned model as GGUF and as a uniform HF folder."""
     folder = make_tiny(tmp_path / "ckpt", n_layers=2)
     base, _ = C.load(str(folder))
     run = tmp_path / "run"
     run.mkdir()
-    z = {k: torch.ones(s) for k, s in M.mask_shapes(base.config).items()}
+    z = {k: torch.ones(s) for k, s in masks.mask_shapes(base.config).items()}
     z["z_head"][0, 1], z["z_int"][1, :40], z["z_hid"][:5] = 0, 0, 0
     C.save_adapter(z, run)
     (run / "settings.json").write_text(json.dumps({"ckpt": str(folder)}))
@@ -486,7 +487,7 @@ def test_checkpoint_command_line_writes_gguf_and_hf_folders(tmp_path):
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    return pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (optional; README: how to build it)")
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (optional; docs/guide.md: how to build it)")
 
 
 def real_pruned(model, target):
@@ -556,7 +557,7 @@ def test_transformers_loads_a_uniform_export(smollm, tmp_path, target):
     transformers = pytest.importorskip("transformers", reason="transformers not installed (optional peer)")
     model, tok, _ = smollm
     small = real_pruned(model, target)
-    C.save(M.pad_model(small, uniform=True), tok, tmp_path)
+    C.save(layout.pad_model(small, uniform=True), tok, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     ids = tok.encode(SENTENCE_TEXT)

@@ -1,4 +1,4 @@
-"""experiments.py end to end on a tiny model: every row trains, evaluates and lands in the table."""
+"""lab/experiments.py end to end on a tiny model: every row trains, evaluates and lands in the table."""
 import json
 import subprocess
 import sys
@@ -8,19 +8,20 @@ import torch
 from safetensors.torch import save_file
 
 import evaluate
-import experiments
-import nute
+import masks
 from conftest import ROOT
+from formats.checkpoint import load
 from helpers import make_tiny
-from checkpoint import load
-from model import ModelConfig, mask_shapes, mask_sparsity
+from lab import experiments
+from masks import mask_shapes, mask_sparsity
+from model import ModelConfig
 
 
 def test_experiments_smoke(tmp_path):
     ckpt = make_tiny(tmp_path / "ckpt")
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(f"document {i}: the cat sat on the mat and looked at bird number {i}." for i in range(200)))
-    cmd = [sys.executable, "experiments.py", "--ckpt", ckpt, "--data", text, "--heldout", text, "--tasks", "none",
+    cmd = [sys.executable, "-m", "lab.experiments", "--ckpt", ckpt, "--data", text, "--heldout", text, "--tasks", "none",
            "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--dtype", "fp32", "--targets", "0.3", "--at-target",
            "--out", tmp_path / "res"]
     r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True)
@@ -58,7 +59,7 @@ def test_experiments_seeds_give_mean_and_spread(tmp_path):
     ckpt = make_tiny(tmp_path / "ckpt")
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(f"document {i}: the cat sat on the mat and looked at bird number {i}." for i in range(200)))
-    cmd = [sys.executable, "experiments.py", "--ckpt", ckpt, "--data", text, "--heldout", text, "--tasks", "none",
+    cmd = [sys.executable, "-m", "lab.experiments", "--ckpt", ckpt, "--data", text, "--heldout", text, "--tasks", "none",
            "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--dtype", "fp32", "--targets", "0.3",
            "--rows", "no KD (next-token loss)", "--seeds", "0,1", "--out", tmp_path / "res"]
     r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True)
@@ -75,9 +76,9 @@ def test_experiments_seeds_give_mean_and_spread(tmp_path):
 def test_at_target_keeps_the_ranking_and_hits_the_target(tmp_path, capsys):
     config = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96)
     gen = torch.Generator().manual_seed(0)
-    log_alpha = {k: torch.randn(v.shape, generator=gen) * 2 + 1 for k, v in nute.init_log_alpha(config, gen).items()}
+    log_alpha = {k: torch.randn(v.shape, generator=gen) * 2 + 1 for k, v in masks.init_log_alpha(config, gen).items()}
     torch.save({"log_alpha": log_alpha}, tmp_path / "checkpoint.pt")
-    z0 = {k: nute.deterministic_z(v) for k, v in log_alpha.items()}
+    z0 = {k: masks.deterministic_z(v) for k, v in log_alpha.items()}
     save_file({**z0, "lora_scale": torch.tensor(1.0)}, str(tmp_path / "adapter.safetensors"))
     s0 = mask_sparsity(z0, config)
     for target in (s0 - 0.1, s0 + 0.1):
@@ -88,7 +89,7 @@ def test_at_target_keeps_the_ranking_and_hits_the_target(tmp_path, capsys):
             rows, kept = v.reshape(-1, v.shape[-1]), z[k].reshape(-1, v.shape[-1]) > 0
             for r, m in zip(rows, kept):
                 assert m.sum() == 0 or m.sum() == len(r) or r[m].min() > r[~m].max()
-            soft = torch.sigmoid(v / nute.BETA * 0.8)
+            soft = torch.sigmoid(v / masks.BETA * 0.8)
             assert torch.equal(z[k][z[k] > 0], soft[z[k] > 0])  # kept units keep their soft values
     save_file({**z0, "z_hid": torch.ones(64), "lora_scale": torch.tensor(1.0)}, str(tmp_path / "adapter.safetensors"))
     with pytest.raises(SystemExit) as e:

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-import hub
+from formats import checkpoint, hub
 from conftest import ROOT
 from helpers import make_tiny, write_hf
 

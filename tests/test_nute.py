@@ -1,21 +1,19 @@
 """nute.py: hard-concrete masks, Eq. 3, the Lagrangian, the teacher schedule, training runs, export."""
 import json
-import math
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import baselines
-import checkpoint
-import gguf
 import evaluate
+import masks
 import model
 import nute
+from formats import checkpoint, gguf
 from conftest import ROOT
 from helpers import make_tiny
 
@@ -36,38 +34,6 @@ def run(tiny, out, *extra):
     argv = ["--ckpt", str(ckpt), "--data", str(text), "--out", str(out), "--seq-len", "32", "--batch-size", "2",
             "--dtype", "fp32", "--no-eval", "--lr-lora", "1e-2", *map(str, extra)]
     return nute.train(nute.get_args(argv))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Masks and Eq. 3 against closed forms
-
-def test_keep_prob_matches_sampling_and_closed_form():
-    log_alpha = torch.tensor([-3.0, -1.0, 0.0, 0.5, 2.0, 4.0], dtype=torch.float64)
-    # closed form: z > 0  <=>  s > -l / (r - l)  <=>  u > sigmoid(beta * logit(-l / (r - l)) - log_alpha)
-    c = -nute.LIMIT_L / (nute.LIMIT_R - nute.LIMIT_L)
-    want = 1 - torch.sigmoid(nute.BETA * math.log(c / (1 - c)) - log_alpha)
-    torch.testing.assert_close(nute.keep_prob(log_alpha), want, rtol=1e-12, atol=0)
-    g = torch.Generator().manual_seed(0)
-    draws = torch.stack([nute.sample_z(log_alpha.expand(20000, -1).contiguous(), g) for _ in range(5)])
-    frac = (draws > 0).double().mean((0, 1))
-    assert (frac - want).abs().max() < 0.01  # 100k draws: standard error < 0.002
-    assert draws.min() >= 0 and draws.max() <= 1 and (draws == 1).any()  # stretched then clamped
-
-
-def test_deterministic_mask_count_and_values():
-    g = torch.Generator().manual_seed(1)
-    log_alpha = torch.randn(3, 50, generator=g) * 3
-    z = nute.deterministic_z(log_alpha)
-    for row, zr in zip(log_alpha, z):
-        n_zero = round(50 - nute.keep_prob(row).sum().item())
-        assert (zr == 0).sum() == n_zero
-        assert set(row.argsort()[:n_zero].tolist()) == set((zr == 0).nonzero()[:, 0].tolist())  # smallest go
-        kept = zr > 0
-        torch.testing.assert_close(zr[kept], torch.sigmoid(row[kept] / nute.BETA * 0.8))
-    hid_alpha = torch.randn(64, generator=g)
-    hid = nute.deterministic_z(hid_alpha)  # 1-D: one global count over all dims
-    assert (hid == 0).sum() == round(64 - nute.keep_prob(hid_alpha).sum().item()) > 0
-    assert nute.deterministic_z(torch.full((8,), 10.0)).min() > 0.99  # intact init keeps everything
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -96,89 +62,6 @@ def test_distill_loss_by_hand():
     assert rel.item() == pytest.approx(want, rel=1e-6)
     _, big = nute.distill_loss(ls, lt, [h * 1000 for h in hs], ht, z_hid, T)
     assert big.isinf()  # past fp16's 65504: the step that gets it is skipped
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tempered_kl_equals_autograd(dtype):
-    """The fused Eq. 5 term (computed in fp32) against autograd through log_softmax + kl_div in float64, over
-    several chunks."""
-    g = torch.Generator().manual_seed(0)
-    ls, lt = torch.randn(3, 7, 50, generator=g, dtype=torch.float64) * 4, torch.randn(3, 7, 50, generator=g, dtype=torch.float64) * 4
-    lt[0, 0, :10] = -1e4  # teacher probabilities that underflow to 0 count 0, as in kl_div
-    ls, lt, T = ls.to(dtype), lt.to(dtype), 2 / 3  # the reference sees the same (rounded) inputs
-    ref_s = ls.double().requires_grad_()
-    want = F.kl_div(F.log_softmax(ref_s / T, -1), F.softmax(lt.double() / T, -1), reduction="batchmean") * T * T
-    want.backward(torch.tensor(1.7, dtype=torch.float64))
-    for rows in (None, 2, 5):  # one chunk, and chunks that do not divide the 21 rows
-        s = ls.clone().requires_grad_()
-        got = nute.TemperedKL.apply(s, lt, T, rows)
-        got.backward(torch.tensor(1.7))
-        tol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -8}[dtype]  # bf16: the gradient's own rounding
-        assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-5)
-        assert s.grad.dtype == dtype
-        torch.testing.assert_close(s.grad.double(), ref_s.grad, rtol=tol, atol=tol * ref_s.grad.abs().max().item())
-
-
-def test_warmup_as_the_paper():
-    assert nute.warmup_for(0.2) == pytest.approx(4 / 7) and nute.warmup_for(0.5) == pytest.approx(1 / 7)
-    assert nute.warmup_for(0.35) == pytest.approx(2.5 / 7) and nute.warmup_for(0.1) == pytest.approx(4 / 7)
-    assert nute.warmup_for(0.7) == pytest.approx(1 / 7)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The controller: the expected sparsity follows the ramp
-
-SMOLLM2 = model.ModelConfig()  # the mask shapes of SmolLM2-135M: 30 layers, 9 heads (3 kv), 1536 units, 576 dims
-
-
-def test_projection_hits_any_target_and_keeps_the_order():
-    g = torch.Generator().manual_seed(0)
-    log_alpha = {k: (torch.randn(shape, generator=g) * 2).clamp(nute.LOG_ALPHA_MIN, nute.LOG_ALPHA_MAX)
-                 for k, shape in model.mask_shapes(SMOLLM2).items()}
-    for target in (0.05, 0.2, 0.5, 0.8):
-        la = {k: v.clone() for k, v in log_alpha.items()}
-        nute.project_to_target(la, target, SMOLLM2)
-        assert nute.expected_sparsity(la, SMOLLM2).item() == pytest.approx(target, abs=1e-6)
-        for k in la:  # one common shift for every unit that no clamp holds: the order of the units is kept
-            d = la[k] - log_alpha[k]
-            inside = (la[k] > nute.LOG_ALPHA_MIN) & (la[k] < nute.LOG_ALPHA_MAX) & (log_alpha[k] > nute.LOG_ALPHA_MIN) \
-                & (log_alpha[k] < nute.LOG_ALPHA_MAX)
-            assert d[inside].max() - d[inside].min() < 1e-5
-
-
-@pytest.mark.parametrize("target, steps", [(0.2, 150), (0.5, 150), (0.5, 600)])
-def test_controller_tracks_the_ramp_on_a_toy_problem(target, steps, tmp_path):
-    """SmolLM2's masks, Adam at the reference lr 0.1 on log_alpha from the clamp, and a task loss whose
-    gradient, noisy and ~1e4 times larger than Eq. 11's early on, wants every unit kept. The projection must
-    hold the ramp at every step after the first quarter of the warm-up and end within 0.005 of the target
-    in the deterministic masks (the acceptance test of the real runs, without the model), and the masks
-    must still learn which units the task wants: half of them lower the loss when kept, half when pruned."""
-    g = torch.Generator().manual_seed(1)
-    args = nute.get_args(["--ckpt", str(tmp_path), "--target", str(target), "--steps", str(steps)])
-    log_alpha = {k: v.requires_grad_(True) for k, v in nute.init_log_alpha(SMOLLM2, g).items()}
-    with torch.no_grad():
-        for v in log_alpha.values():
-            v.clamp_(nute.LOG_ALPHA_MIN, nute.LOG_ALPHA_MAX)
-    importance = {k: torch.rand(v.shape, generator=g) * 2 - 1 for k, v in log_alpha.items()}
-    opt = torch.optim.AdamW(log_alpha.values(), lr=0.1, weight_decay=0)
-    warmup = round(args.warmup * steps)
-    for step in range(steps):
-        z = {k: nute.sample_z(v, g) for k, v in log_alpha.items()}
-        task = -sum((importance[k] * z[k]).sum() * 1e4 for k in z)
-        task.backward()
-        opt.step()
-        opt.zero_grad()
-        with torch.no_grad():
-            for v in log_alpha.values():
-                v.clamp_(nute.LOG_ALPHA_MIN, nute.LOG_ALPHA_MAX)
-        t = nute.target_at(step + 1, args)
-        nute.project_to_target(log_alpha, t, SMOLLM2)
-        if step + 1 >= warmup / 4:
-            assert abs(nute.expected_sparsity(log_alpha, SMOLLM2).item() - t) <= 0.03, step
-    final = model.mask_sparsity({k: nute.deterministic_z(v) for k, v in log_alpha.items()}, SMOLLM2)
-    assert abs(final - target) <= 0.005, final
-    kept = nute.deterministic_z(log_alpha["z_int"]) > 0  # the task taught the ranking
-    assert importance["z_int"][kept].mean() > importance["z_int"][~kept].mean() + 0.5
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,7 +122,7 @@ def test_snapshots_one_a_step_in_order_and_stage2_waits_for_them():
 def test_run_follows_the_ramp_and_lands_on_the_target(tiny, tmp_path):
     run(tiny, tmp_path / "r", "--target", "0.3", "--steps", "60", "--save-every", "1000")
     rows = [json.loads(line) for line in open(tmp_path / "r" / "log.jsonl")]
-    warmup = round(nute.warmup_for(0.3) * 60)
+    warmup = round(masks.warmup_for(0.3) * 60)
     assert [r["target"] for r in rows[:3]] == pytest.approx([0.3 / warmup, 0.6 / warmup, 0.9 / warmup])
     assert all(abs(r["expected_sparsity"] - r["target"]) < 1e-4 for r in rows)
     table = evaluate.trajectory(tmp_path / "r" / "log.jsonl").splitlines()
@@ -247,7 +130,7 @@ def test_run_follows_the_ramp_and_lands_on_the_target(tiny, tmp_path):
     assert table[-1] == "largest |expected sparsity - target| after a quarter of the warm-up: 0.0000"
     adapter = load_file(str(tmp_path / "r" / "adapter.safetensors"))
     # the tiny model's smallest unit (a hidden dim) is 1/48 of the prunable weights
-    assert abs(model.mask_sparsity(adapter, checkpoint.load(str(tiny[0]))[0].config) - 0.3) < 1 / 48
+    assert abs(masks.mask_sparsity(adapter, checkpoint.load(str(tiny[0]))[0].config) - 0.3) < 1 / 48
 
 
 def test_lagrangian_controller_moves_towards_the_target(tiny, tmp_path):
@@ -281,17 +164,17 @@ def test_a_non_finite_loss_skips_the_step(tiny, tmp_path, monkeypatch):
 def test_teacher_forward_leaves_student_untouched(tiny):
     m, _ = checkpoint.load(str(tiny[0]))
     g = torch.Generator().manual_seed(0)
-    log_alpha = {k: v.requires_grad_(True) for k, v in nute.init_log_alpha(m.config, g).items()}
-    lora = {k: v.requires_grad_(True) for k, v in nute.init_lora(m, ["q", "v"], 4, g).items()}
+    log_alpha = {k: v.requires_grad_(True) for k, v in masks.init_log_alpha(m.config, g).items()}
+    lora = {k: v.requires_grad_(True) for k, v in model.init_lora(m, ["q", "v"], 4, g).items()}
     for v in lora.values():
         v.data.normal_(0, 0.1, generator=g)
     opt = torch.optim.AdamW([*log_alpha.values(), *lora.values()], lr=0.1)
     x = torch.randint(0, 257, (2, 16), generator=g)
-    teacher = {k: nute.deterministic_z(v) * 0.5 for k, v in log_alpha.items()}
+    teacher = {k: masks.deterministic_z(v) * 0.5 for k, v in log_alpha.items()}
     teacher.update({k: torch.randn(v.shape, generator=g) for k, v in lora.items()}, lora_scale=torch.tensor(1.0))
 
     def step(with_teacher):
-        z = {k: nute.sample_z(v, torch.Generator().manual_seed(5)) for k, v in log_alpha.items()}
+        z = {k: masks.sample_z(v, torch.Generator().manual_seed(5)) for k, v in log_alpha.items()}
         logits = m(x, {**z, **lora, "lora_scale": 1.0})
         if with_teacher:
             with torch.no_grad():
@@ -313,7 +196,7 @@ def test_teacher_forward_leaves_student_untouched(tiny):
 def test_masks_only_and_finetune(tiny, tmp_path):
     run(tiny, tmp_path / "m", "--target", "0.2", "--steps", "30", "--masks-only")
     adapter = load_file(str(tmp_path / "m" / "adapter.safetensors"))
-    assert not any(".lora_" in k for k in adapter) and set(model.MASKS) <= set(adapter)
+    assert not any(".lora_" in k for k in adapter) and set(masks.MASKS) <= set(adapter)
 
     run(tiny, tmp_path / "p", "--target", "0.2", "--steps", "30")
     pruned = load_file(str(tmp_path / "p" / "adapter.safetensors"))
@@ -322,7 +205,7 @@ def test_masks_only_and_finetune(tiny, tmp_path):
                                   {"instruction": "Add", "input": "1 and 2", "output": "3"}]))
     run(tiny, tmp_path / "ft", "--run", tmp_path / "p", "--finetune", alpaca, "--steps", "10", "--seq-len", "256")
     tuned = load_file(str(tmp_path / "ft" / "adapter.safetensors"))
-    for k in model.MASKS:
+    for k in masks.MASKS:
         assert torch.equal(tuned[k], pruned[k]), k  # post fine-tuning changes no mask
     assert sum(".lora_A" in k for k in tuned) == 3 * 7  # LoRA grown to all seven projections
     assert not torch.equal(tuned["layers.0.attention.wq.lora_B"], pruned["layers.0.attention.wq.lora_B"])
@@ -412,7 +295,7 @@ def test_export_equals_masked_model_and_formula(tiny):
     adapter["z_head"][1] = 0  # a layer without attention
     adapter["z_head"][0] = torch.tensor([0.9, 0.7, 0.0, 0.0])  # kv group 1 of layer 0 emptied
     adapter["z_int"][2] = 0  # a layer without FFN
-    adapter = nute.init_lora(m, list(model.LORA_TARGETS), 3, g, adapter)
+    adapter = model.init_lora(m, list(model.LORA_TARGETS), 3, g, adapter)
     for k in adapter:
         if ".lora_B" in k:
             adapter[k] = torch.randn(adapter[k].shape, generator=g) * 0.1
@@ -421,9 +304,9 @@ def test_export_equals_masked_model_and_formula(tiny):
     want = m(x, adapter)
     torch.testing.assert_close(small(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     k = int((adapter["z_hid"] > 0).sum())
-    binary = [(adapter[n] > 0).float() for n in model.MASKS]
+    binary = [(adapter[n] > 0).float() for n in masks.MASKS]
     rest = config.vocab_size * k + (2 * config.n_layers + 1) * k + (0 if config.tie_embeddings else config.vocab_size * k)
-    assert sum(p.numel() for p in small.parameters()) == model.expected_size(*binary, config).item() + rest
+    assert sum(p.numel() for p in small.parameters()) == masks.expected_size(*binary, config).item() + rest
     assert small.config.kv_of_head[0] == [0, 0] and small.config.kv_of_head[1] == [] and small.config.ffn_dims[2] == 0
     assert model.generate(small, [1, 2, 3], 8) == model.generate(m, [1, 2, 3], 8, adapter)
 
@@ -551,8 +434,8 @@ def test_magnitude_masks_reach_target_and_drop_smallest(tiny):
     with torch.no_grad():
         m.layers[1].feed_forward.w1.weight[7] *= 0.01  # a unit with tiny weights must go first
     z = baselines.magnitude_masks(m, 0.3)
-    size = model.expected_size(z["z_head"], z["z_int"], z["z_hid"], m.config).item()
-    M = model.prunable_size(m.config)
+    size = masks.expected_size(z["z_head"], z["z_int"], z["z_hid"], m.config).item()
+    M = masks.prunable_size(m.config)
     assert (1 - 0.3) * M - 4 * m.config.dim * m.config.head_dim < size <= (1 - 0.3) * M  # stops right at the target
     assert z["z_int"][1, 7] == 0 and z["z_hid"].all()
 
@@ -564,7 +447,7 @@ def test_baseline_masks_are_chosen_once_and_kept(tiny, tmp_path, method):
     out = tmp_path / "r"
     extra = ["--target", "0.3", "--method", method, "--bonsai-samples", "4", "--distill", "none", "--save-every", "2"]
     assert run(tiny, out, *extra, "--steps", "4", "--stop-after", "2") is None
-    masks = load_file(str(out / "masks.safetensors"))
+    z = load_file(str(out / "masks.safetensors"))
     cost = json.loads((out / "masks.json").read_text())
     assert cost["method"] == method and cost["seconds"] > 0 and cost["peak_mb"] > 0
     called = []
@@ -572,17 +455,17 @@ def test_baseline_masks_are_chosen_once_and_kept(tiny, tmp_path, method):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(baselines, f"{method}_masks", lambda *a, **k: called.append(1) or original(*a, **k))
         _, _, adapter = run(tiny, out, *extra, "--steps", "4", "--resume")
-    assert not called and all(torch.equal(adapter[k].cpu(), masks[k]) for k in model.MASKS)
+    assert not called and all(torch.equal(adapter[k].cpu(), z[k]) for k in masks.MASKS)
     config = checkpoint.load(str(tiny[0]))[0].config
-    assert 0.3 <= model.mask_sparsity(masks, config) < 0.4 and masks["z_hid"].all()
+    assert 0.3 <= masks.mask_sparsity(z, config) < 0.4 and z["z_hid"].all()
     assert adapter["layers.0.attention.wq.lora_B"].abs().sum() > 0  # LoRA learned
     with pytest.MonkeyPatch.context() as mp:  # --masks: the choice above again, not chosen anew
         mp.setattr(baselines, f"{method}_masks", lambda *a, **k: pytest.fail("chose the masks again"))
         _, _, untrained = run(tiny, tmp_path / "none", *extra, "--steps", "0", "--masks", out / "masks.safetensors")
-    assert all(torch.equal(untrained[k].cpu(), masks[k]) for k in model.MASKS)  # no recovery: the masks alone
+    assert all(torch.equal(untrained[k].cpu(), z[k]) for k in masks.MASKS)  # no recovery: the masks alone
     assert untrained["layers.0.attention.wq.lora_B"].abs().sum() == 0
     assert json.loads((tmp_path / "none" / "masks.json").read_text()) == cost
-    save_file({**masks, "z_hid": masks["z_hid"][:-1].contiguous()}, str(tmp_path / "short.safetensors"))
+    save_file({**z, "z_hid": z["z_hid"][:-1].contiguous()}, str(tmp_path / "short.safetensors"))
     with pytest.raises(ValueError, match="not the masks of this model"):
         run(tiny, tmp_path / "short", *extra, "--steps", "0", "--masks", tmp_path / "short.safetensors")
 
@@ -602,7 +485,7 @@ def test_magnitude_run_trains_lora_with_fixed_masks(tiny, tmp_path):
     run(tiny, tmp_path / "mag", "--target", "0.3", "--steps", "6", "--method", "magnitude", "--distill", "none")
     adapter = load_file(str(tmp_path / "mag" / "adapter.safetensors"))
     want = baselines.magnitude_masks(checkpoint.load(str(tiny[0]))[0], 0.3)
-    for k in model.MASKS:
+    for k in masks.MASKS:
         assert torch.equal(adapter[k], want[k]), k
     assert adapter["layers.0.attention.wq.lora_B"].abs().sum() > 0  # LoRA learned
 

@@ -1,5 +1,6 @@
-"""Tests for tokenizer.py: exact tokenization against llama.cpp's references (shared/data/tokenizers), Hugging
-Face tokenizer.json and SentencePiece files, and clear errors for files that are not tokenizers."""
+"""Tests for formats/tokenizer.py: exact tokenization against llama.cpp's reference ids (tests/data/tokenizers, from
+llama.cpp's models/ folder; the vocabularies from `python data.py fetch --vocabs`), Hugging Face tokenizer.json and
+SentencePiece files, and clear errors for files that are not tokenizers."""
 import io
 import json
 from pathlib import Path
@@ -7,18 +8,18 @@ from pathlib import Path
 import pytest
 
 import data
-import tokenizer
-from gguf import read_gguf
+from formats import tokenizer
+from formats.gguf import read_gguf
 from helpers import tiny_tokenizer
 
-SHARED = Path(__file__).parents[2] / "shared" / "data" / "tokenizers"
+REFERENCES = Path(__file__).parent / "data" / "tokenizers"
 SEP = "\n__ggml_vocab_test__\n"
 
 
 def reference_cases(name):
     """llama.cpp's test format: strings joined by SEP (one after the last too), ids one line each."""
-    inp = (SHARED / f"{name}.inp").read_text(encoding="utf-8")
-    out = (SHARED / f"{name}.out").read_text(encoding="utf-8")
+    inp = (REFERENCES / f"{name}.inp").read_text(encoding="utf-8")
+    out = (REFERENCES / f"{name}.out").read_text(encoding="utf-8")
     texts, lines = inp.split(SEP), out.split("\n")
     assert texts[-1] == "" and lines[-1] == ""  # both files end with a separator / newline
     assert len(texts) == len(lines)
@@ -30,8 +31,8 @@ def gguf_meta(path):
 
 
 VOCABS = {  # reference name -> GGUF holding the vocabulary
-    "ggml-vocab-llama-spm.gguf": lambda: SHARED / "ggml-vocab-llama-spm.gguf",
-    "ggml-vocab-llama-bpe.gguf": lambda: SHARED / "ggml-vocab-llama-bpe.gguf",
+    "ggml-vocab-llama-spm.gguf": lambda: data.vocab_path("ggml-vocab-llama-spm.gguf"),
+    "ggml-vocab-llama-bpe.gguf": lambda: data.vocab_path("ggml-vocab-llama-bpe.gguf"),
     "smollm2": data.default_model_path,
 }
 
@@ -41,11 +42,9 @@ def vocab_meta():
     cache = {}
 
     def get(name):
-        if not SHARED.exists():
-            pytest.skip(f"reference tokenizations not found ({SHARED})")
         path = VOCABS[name]()
         if not path.exists():
-            pytest.skip(f"{path} not found; run `python data.py fetch`")
+            pytest.skip(f"{path} not found; run `python data.py fetch --vocabs`")
         if name not in cache:
             cache[name] = gguf_meta(path)
         return cache[name]

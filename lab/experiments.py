@@ -1,8 +1,8 @@
 """The paper's comparison on one model: NutePrune against its ablations and a magnitude baseline.
 
-    python experiments.py                       # SmolLM2-135M, 20% and 50%, budget sized for a 2-core CPU
-    python experiments.py --ckpt llama-7b --steps 3000 --batch-size 8 --seq-len 512 --limit 0   # a GPU budget
-    python experiments.py --targets 0.5 --rows "NutePrune,KD (intact teacher)" --seeds 0,1,2 --out results-seeds
+    python -m lab.experiments                   # SmolLM2-135M, 20% and 50%, budget sized for a 2-core CPU
+    python -m lab.experiments --ckpt llama-7b --steps 3000 --batch-size 8 --seq-len 512 --limit 0   # a GPU budget
+    python -m lab.experiments --targets 0.5 --rows "NutePrune,KD (intact teacher)" --seeds 0,1,2 --out runs/seeds
 
 Every row gets the same data, token budget and seeds. Each finished run is kept in --out and skipped when
 the script runs again (an interrupted one resumes), and --out/table.md is rewritten after every row, with
@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 
 import data
 import evaluate
-import nute
-from checkpoint import load, save_adapter
-from model import mask_sparsity
+from formats.checkpoint import load, save_adapter
+from masks import deterministic_z, mask_sparsity
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository: nute.py and evaluate.py
 ROWS = {  # name in the table -> nute.py flags (NutePrune is the default: PKD, masks + LoRA)
     "NutePrune": [],
     "KD (intact teacher)": ["--distill", "kd"],
@@ -46,8 +46,9 @@ def fail(msg):
 
 
 def sh(cmd, log):
+    """Runs one of the repository's scripts (cmd[0], e.g. nute.py) with its arguments, output into log."""
     with open(log, "a") as f:
-        if subprocess.run([sys.executable, *map(str, cmd)], stdout=f, stderr=subprocess.STDOUT).returncode:
+        if subprocess.run([sys.executable, ROOT / cmd[0], *map(str, cmd[1:])], stdout=f, stderr=subprocess.STDOUT).returncode:
             fail(f"{' '.join(map(str, cmd))} failed; see {log}")
 
 
@@ -57,7 +58,7 @@ def at_target(run, target, config):
     pruned units moves; kept units keep their soft values. The LoRA was trained with the run's own masks."""
     log_alpha = torch.load(run / "checkpoint.pt", weights_only=False)["log_alpha"]
     adapter = load_file(str(run / "adapter.safetensors"))
-    masks = lambda shift: {k: nute.deterministic_z(v, shift) for k, v in log_alpha.items()}
+    masks = lambda shift: {k: deterministic_z(v, shift) for k, v in log_alpha.items()}
     if any(not torch.allclose(z, adapter[k].float(), rtol=0, atol=1e-6) for k, z in masks(0.0).items()):
         fail(f"{run}/checkpoint.pt does not hold the masks of its adapter.safetensors")
     lo, hi = -20.0, 20.0  # sparsity falls as the shift grows: keep hi on the side at or below the target
@@ -118,7 +119,8 @@ def get_args(argv=None):
     p.add_argument("--seeds", default="0", help="comma list: every row once per seed, with mean and spread")
     p.add_argument("--at-target", action="store_true", help="also score each learned-mask run with its masks "
                    "moved to exactly the target (for runs that did not land on it)")
-    p.add_argument("--out", default="results")
+    p.add_argument("--out", default="runs/comparison", help="the runs, their scores and table.md "
+                   "(the committed ones are in lab/results/)")
     args = p.parse_args(argv)
     try:  # checked here, not after the dense row has been scored
         targets, _ = [float(t) for t in args.targets.split(",")], [int(x) for x in args.seeds.split(",")]

@@ -1,6 +1,6 @@
 """GGUF, the file format of llama.cpp, both ways: a reader for the tensor types real checkpoints use (F32,
 F16, BF16, Q8_0, Q4_0, Q4_1), ggml's reference quantizers, and a writer. Which tensors and metadata keys
-make a LLaMA model is checkpoint.py's business (read_gguf_model, save_gguf); this file is only the format.
+make a LLaMA model is formats/checkpoint.py's business (read_gguf_model, save_gguf); this file is only the format.
 
     meta, tensors = read_gguf("model.gguf")           # tensors: {name: float32 array, PyTorch [out, in] order}
     write_gguf("out.gguf", meta, [(name, shape, "Q8_0", quantize(x, "Q8_0"))])

@@ -1,5 +1,5 @@
-"""Every checkpoint format, read and write: GGUF (the format itself is gguf.py), Hugging Face safetensors (single or sharded), Meta's
-`.pth`, and a nute.py run folder (settings, the training state, the adapter of masks + LoRA). Our
+"""Every checkpoint format, read and write: GGUF (the format itself is gguf.py), Hugging Face safetensors (single
+or sharded), Meta's `.pth`, and a nute.py run folder (settings, the training state, the adapter of masks + LoRA). Our
 parameter names are Meta's; the others are renamed.
 
     model, tok = load("SmolLM2-135M-Instruct.Q4_1.gguf")   # or an HF folder, or a Meta folder
@@ -8,8 +8,8 @@ parameter names are Meta's; the others are renamed.
 
 The command line writes any checkpoint, or a run's pruned model, for llama.cpp or Hugging Face:
 
-    python checkpoint.py --run runs/default --out pruned.gguf --type Q8_0
-    python checkpoint.py --run runs/default --out pruned-hf --uniform
+    python -m formats.checkpoint --run runs/default --out pruned.gguf --type Q8_0
+    python -m formats.checkpoint --run runs/default --out pruned-hf --uniform
 """
 import argparse
 import json
@@ -23,10 +23,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import hub
-from model import ModelConfig, build, mask_shapes, pad_model, slice_model
-from gguf import FILE_TYPE, GGUFError, quantize, read_gguf, write_gguf, write_gguf_metadata
-from tokenizer import gguf_tokenizer, hf_tokenizer_files, load_tokenizer
+from formats import hub
+from formats.gguf import FILE_TYPE, GGUFError, quantize, read_gguf, write_gguf, write_gguf_metadata
+from formats.layout import pad_model
+from formats.tokenizer import gguf_tokenizer, hf_tokenizer_files, load_tokenizer
+from masks import mask_shapes
+from model import ModelConfig, build, slice_model
 
 
 class LoadError(Exception):

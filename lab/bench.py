@@ -1,16 +1,16 @@
 """Benchmarks that print tables (never timed tests). Each row is measured side by side in one run.
 
-    python bench.py gemm      # GFLOP/s of fp32, bf16 and bf16-as-fp32 products by rows (model.FP32_ROWS)
-    python bench.py model     # forward tokens/s fp32 vs bf16; decode tokens/s with vs without the KV cache
-    python bench.py train     # paper Table 9: per-step time and peak memory of no-KD, KD, PKD, PKD + layer loss
-    python bench.py skip      # what leaving out zero-masked units saves: an FFN by share left out, the pruning step
-    python bench.py export    # decode speed of models pruned to 20% / 50% against the weight-bytes limit
-    python bench.py export --run runs/x   # the same for a run's export: sliced, and padded as nute.py pads it
-    python bench.py eval      # zero-shot scoring: batched (shared contexts) vs one request per forward; vs lm-eval
-    python bench.py layers --run runs/x   # the layer loss (Eq. 6) per layer, plain and --layer-norm teacher
-    python bench.py plan      # memory (and CPU time) of the paper's step for LLaMA-7B / 13B / 70B shapes
-    python bench.py llama-cpp --run runs/a --run runs/b   # dense vs pruned GGUF in the real llama.cpp
-    python bench.py vs-hf     # forward, decode and the KD step against transformers + peft, side by side
+    python -m lab.bench gemm      # GFLOP/s of fp32, bf16 and bf16-as-fp32 products by rows (kernels.FP32_ROWS)
+    python -m lab.bench model     # forward tokens/s fp32 vs bf16; decode tokens/s with vs without the KV cache
+    python -m lab.bench train     # paper Table 9: per-step time and peak memory of no-KD, KD, PKD, PKD + layer loss
+    python -m lab.bench skip      # what leaving out zero-masked units saves: an FFN by share left out, the pruning step
+    python -m lab.bench export    # decode speed of models pruned to 20% / 50% against the weight-bytes limit
+    python -m lab.bench export --run runs/x   # the same for a run's export: sliced, and padded as nute.py pads it
+    python -m lab.bench eval      # zero-shot scoring: batched (shared contexts) vs one request per forward; vs lm-eval
+    python -m lab.bench layers --run runs/x   # the layer loss (Eq. 6) per layer, plain and --layer-norm teacher
+    python -m lab.bench plan      # memory (and CPU time) of the paper's step for LLaMA-7B / 13B / 70B shapes
+    python -m lab.bench llama-cpp --run runs/a --run runs/b   # dense vs pruned GGUF in the real llama.cpp
+    python -m lab.bench vs-hf     # forward, decode and the KD step against transformers + peft, side by side
 """
 import argparse
 import dataclasses
@@ -27,10 +27,15 @@ import torch
 
 import data
 import evaluate
+import kernels
+import masks
 import model
-import checkpoint
 import nute
-from checkpoint import load, load_adapter
+from formats import checkpoint
+from formats.checkpoint import load, load_adapter
+from formats.layout import pad_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where nute.py is
 
 
 def side_by_side(fns, rounds):
@@ -58,11 +63,11 @@ def timed(fn, repeat):
 def bench_gemm(args):
     """SmolLM2's products (576 -> 1536 and the 49,152-entry head) at 1 .. 1024 rows, and its causal attention
     forward + backward at 4 x 256 tokens: fp32, PyTorch's bf16 kernels, and bf16 operands in fp32 as the
-    model does from model.FP32_ROWS rows on (casts included). Interleaved rounds, medians."""
+    model does from kernels.FP32_ROWS rows on (casts included). Interleaved rounds, medians."""
     import torch.nn.functional as F
 
-    print(f"{torch.get_num_threads()} threads, AVX512-BF16: {torch.cpu._is_avx512_bf16_supported()} (the model multiplies "
-          f"bf16 in fp32 from {model.FP32_ROWS} rows: {model.SLOW_16BIT[torch.bfloat16]}), {args.rounds} rounds\n\n"
+    print(f"{torch.get_num_threads()} threads; the model multiplies bf16 in fp32 from {kernels.FP32_ROWS} rows "
+          f"(kernels.SLOW_16BIT, no AVX512-BF16 on this x86 CPU): {kernels.SLOW_16BIT[torch.bfloat16]}; {args.rounds} rounds\n\n"
           "| what | rows | fp32 GFLOP/s | bf16 GFLOP/s | bf16 in fp32 GFLOP/s | bf16 in fp32 / bf16 |\n|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for n, k in ((1536, 576), (49152, 576)):
@@ -74,7 +79,7 @@ def bench_gemm(args):
                               lambda: F.linear(xb.float(), wb.float()).bfloat16()], args.rounds)
             print(f"| product {k} -> {n} | {rows} | {flops / t[0]:.1f} | {flops / t[1]:.1f} | {flops / t[2]:.1f} | "
                   f"{t[1] / t[2]:.2f}x |")
-        x = x[0]  # one row through torch.mv, as the model decodes (see model.FP32_ROWS)
+        x = x[0]  # one row through torch.mv, as the model decodes (see kernels.FP32_ROWS)
         xb, flops = x.bfloat16(), 2 * n * k / 1e9
         t = side_by_side([lambda: torch.mv(w, x), lambda: torch.mv(wb, xb),
                           lambda: torch.mv(wb.float(), xb.float()).bfloat16()], args.rounds)
@@ -121,12 +126,9 @@ def one_config(args):
     PKD is measured with a full teacher queue (0.01 .. target - 0.01) so its teacher is a real snapshot."""
     m, tok = load(args.ckpt, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     a = nute.get_args(["--ckpt", args.ckpt, "--dtype", args.dtype, *TABLE9[args.one]])
-    g = torch.Generator().manual_seed(0)
-    log_alpha = {k: v.requires_grad_(True) for k, v in nute.init_log_alpha(m.config, g).items()}
-    lora = {k: v.requires_grad_(True) for k, v in nute.init_lora(m, a.lora_targets.split(","), a.lora_rank, g).items()}
-    student = nute.Student(log_alpha, lora, 1.0, {})
-    opt = torch.optim.AdamW([*log_alpha.values(), *lora.values()], lr=1e-3)
-    queue = nute.TeacherQueue(a.target, a.interval, a.gap)
+    state = nute.start(a, m)
+    student, queue, g = state.student, state.queue, state.gen
+    opt = torch.optim.AdamW([*student.log_alpha.values(), *student.lora.values()], lr=1e-3)
     for k in range(1, round(a.target / a.interval)):
         queue.maybe_snapshot(k * a.interval, student)
     teacher_key = max(queue.snapshots) if a.distill == "pkd" else None
@@ -138,17 +140,18 @@ def one_config(args):
         nute.micro_step(m, x, mask, student.adapter(g), teacher, a.distill != "none", a)
         opt.step()
         opt.zero_grad()
-        nute.project_to_target(log_alpha, 0.1, m.config)  # the default controller
+        masks.project_to_target(student.log_alpha, 0.1, m.config)  # the default controller
 
     sec = timed(step, args.steps)
-    print(json.dumps({"sec": sec, "queue_mb": queue.nbytes() / 2**20, "snapshots": len(queue.snapshots)}))
+    queue_bytes = sum(t.numel() * t.element_size() for snap in queue.snapshots.values() for t in snap.values())
+    print(json.dumps({"sec": sec, "queue_mb": queue_bytes / 2**20, "snapshots": len(queue.snapshots)}))
 
 
 def bench_train(args):
     rows = {}
     for name in TABLE9:  # one child process per configuration: peak RSS is per configuration
-        p = subprocess.Popen([sys.executable, __file__, "train", "--one", name, "--ckpt", args.ckpt,
-                              "--dtype", args.dtype, "--steps", str(args.steps)], stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen([sys.executable, "-m", "lab.bench", "train", "--one", name, "--ckpt", args.ckpt,
+                              "--dtype", args.dtype, "--steps", str(args.steps)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
         out = p.stdout.read()
         _, status, usage = os.wait4(p.pid, 0)
         if status != 0:
@@ -170,14 +173,14 @@ def bench_train(args):
 
 def pruning_step_fn(a, m, x, g, sparsity, skip=True):
     """One pruning step (nute.micro_step and AdamW) of a student whose log_alpha sits at `sparsity` (moved by
-    nute.project_to_target), taught as in stage 1 (Eq. 8) by its own snapshot a.gap less sparse (the intact
+    masks.project_to_target), taught as in stage 1 (Eq. 8) by its own snapshot a.gap less sparse (the intact
     model when there is none); skip: model.skip_zeros, leave out the units whose mask is 0."""
-    student = nute.init_student(a, m, g, {})
+    student = nute.start(a, m).student
     teacher = None
     if sparsity > a.gap:
-        nute.project_to_target(student.log_alpha, sparsity - a.gap, m.config)
+        masks.project_to_target(student.log_alpha, sparsity - a.gap, m.config)
         teacher = student.frozen()
-    nute.project_to_target(student.log_alpha, sparsity, m.config)
+    masks.project_to_target(student.log_alpha, sparsity, m.config)
     opt, mask = torch.optim.AdamW([*student.log_alpha.values(), *student.lora.values()], lr=1e-3), torch.ones(x.shape)
 
     def step():
@@ -190,7 +193,7 @@ def pruning_step_fn(a, m, x, g, sparsity, skip=True):
 
 def bench_skip(args):
     """What leaving out the units whose mask is 0 saves (model.kept_units): an FFN's forward + backward by the
-    share of its units left out (model.MIN_SKIP is read off it), and the pruning step by the student's sparsity."""
+    share of its units left out (kernels.MIN_SKIP is read off it), and the pruning step by the student's sparsity."""
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     m, _ = load(args.ckpt, dtype=dtype)
     ffn, n = m.layers[0].feed_forward, m.config.ffn_dim
@@ -204,7 +207,7 @@ def bench_skip(args):
     shares = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
     t = iter(side_by_side([ffn_step(share, skip) for share in shares for skip in (False, True)], args.rounds))
     print(f"SmolLM2-135M, {args.dtype}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds, medians\n")
-    print(f"| FFN units with z = 0 | forward + backward, all units (ms) | kept units only (ms) | speed-up |\n|---|---|---|---|")
+    print("| FFN units with z = 0 | forward + backward, all units (ms) | kept units only (ms) | speed-up |\n|---|---|---|---|")
     for share in shares:
         full, kept = next(t), next(t)
         print(f"| {share:.0%} | {full * 1e3:.1f} | {kept * 1e3:.1f} | {full / kept:.2f}x |")
@@ -212,8 +215,8 @@ def bench_skip(args):
     tokens, g = torch.randint(1000, 20000, (4, 256), generator=torch.Generator().manual_seed(0)), torch.Generator()
     levels = (0.0, 0.2, 0.5)
     t = iter(side_by_side([pruning_step_fn(a, m, tokens, g, s, skip) for s in levels for skip in (False, True)], args.rounds))
-    print(f"\n| pruning step, 4 x 256: student / teacher sparsity | all units (tok/s) | kept units only (tok/s) | speed-up |"
-          f"\n|---|---|---|---|")
+    print("\n| pruning step, 4 x 256: student / teacher sparsity | all units (tok/s) | kept units only (tok/s) | speed-up |"
+          "\n|---|---|---|---|")
     for s in levels:
         full, kept = next(t), next(t)
         teacher = f"{s - a.gap:.0%}" if s > a.gap else "intact"
@@ -226,8 +229,8 @@ def structured_masks(config, target):
     z_head = torch.zeros(config.n_layers, config.n_heads)
     z_head[:, :keep_heads] = 1
     z_hid = torch.ones(config.dim)
-    attn = model.expected_size(z_head, torch.zeros(config.n_layers, config.ffn_dim), z_hid, config)
-    ffn = round(((1 - target) * model.prunable_size(config) - attn.item()) / (3 * config.dim * config.n_layers))
+    attn = masks.expected_size(z_head, torch.zeros(config.n_layers, config.ffn_dim), z_hid, config)
+    ffn = round(((1 - target) * masks.prunable_size(config) - attn.item()) / (3 * config.dim * config.n_layers))
     z_int = torch.zeros(config.n_layers, config.ffn_dim)
     z_int[:, :max(0, min(config.ffn_dim, ffn))] = 1
     return {"z_head": z_head, "z_int": z_int, "z_hid": z_hid}
@@ -257,8 +260,8 @@ def bench_export(args):
         dense, _ = load(args.ckpt, dtype=dtype)
         if args.run:  # a real run's masks, exported as sliced and in the shapes nute.py pads them to
             small = model.slice_model(dense, load_adapter(args.run[0], dense))
-            models = {"dense": dense, "run, sliced": small, "run, fixed GQA": model.pad_model(small, 1),
-                      "run, fixed GQA, widths of 32": model.pad_model(small, 32)}
+            models = {"dense": dense, "run, sliced": small, "run, fixed GQA": pad_model(small, 1),
+                      "run, fixed GQA, widths of 32": pad_model(small, 32)}
         else:
             models = {"dense": dense, **{f"{t:.0%} pruned": model.slice_model(dense, structured_masks(dense.config, t))
                                           for t in (0.2, 0.5)}}
@@ -309,7 +312,7 @@ def bench_llama_cpp(args):
     try:
         from llama_cpp import Llama
     except ImportError:
-        sys.exit("llama-cpp-python is not installed; README, 'Run your pruned model', has the line that builds it")
+        sys.exit("llama-cpp-python is not installed; docs/guide.md, 'Run your pruned model', has the line that builds it")
     dense, tok = load(args.ckpt)
     models = {"dense": dense, "dense as deci": as_deci(dense)}  # the same weights in the pruned models' architecture
     for run in args.run or []:
@@ -372,11 +375,10 @@ def hf_kd_step_fn(peft, hf, x, temperature):
     return step
 
 
-def our_kd_step_fn(a, m, batches, g):
+def our_kd_step_fn(a, m, batches):
     """A training step of nute.py's loop on model m (a: nute's settings)."""
-    student, lambdas = nute.init_student(a, m, g, {}), torch.zeros(2, requires_grad=True)
-    opts, queue, steps = nute.make_optimizers(a, student, lambdas), nute.TeacherQueue(a.target), iter(range(10**6))
-    return lambda: nute.train_step(next(steps), m, batches, student, lambdas, opts, queue, g, a)
+    state, steps = nute.start(a, m), iter(range(10**6))
+    return lambda: nute.train_step(next(steps), m, batches, state, a)
 
 
 def profile(f):
@@ -393,7 +395,7 @@ def cli_kd_tokens_per_s(ckpt, dtype, flags):
         cmd = [sys.executable, "nute.py", "--ckpt", ckpt, "--distill", "kd", "--layer-weight", "0", "--seq-len", "256",
                "--batch-size", "4", "--dtype", dtype, "--steps", "8", "--no-eval", "--out", tmp + "/run", *flags]
         env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-        subprocess.run(cmd, check=True, env=env, capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        subprocess.run(cmd, check=True, env=env, capture_output=True, cwd=ROOT)
         return statistics.median(json.loads(line)["tokens_per_s"] for line in list(open(tmp + "/run/log.jsonl"))[2:])
 
 
@@ -409,7 +411,7 @@ def bench_vs_hf(args, dtypes):
         sys.exit("transformers and peft are not installed (optional peers): pip install transformers peft")
     print(f"SmolLM2-135M, {torch.get_num_threads()} threads, transformers {transformers.__version__}, peft "
           f"{peft.__version__}; {args.rounds} interleaved rounds, medians; bf16 products in fp32 from "
-          f"{model.FP32_ROWS} rows (model.SLOW_16BIT): {model.SLOW_16BIT[torch.bfloat16]}\n")
+          f"{kernels.FP32_ROWS} rows (kernels.SLOW_16BIT): {kernels.SLOW_16BIT[torch.bfloat16]}\n")
     if not args.profile:
         print("| what | dtype | Hugging Face | nute | nute / HF |\n|---|---|---|---|---|")
     for dtype in [{"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in dtypes]:
@@ -425,7 +427,7 @@ def bench_vs_hf(args, dtypes):
                            "--batch-size", "4", "--dtype", name.replace("float32", "fp32").replace("bfloat16", "bf16"),
                            "--steps", "1000", "--no-eval"])
         batches = (x.repeat(4, 1), torch.ones(16, 256))
-        our_kd_step = lambda m: our_kd_step_fn(a, m, batches, g)
+        our_kd_step = lambda m: our_kd_step_fn(a, m, batches)
         compiled_blocks, _ = load(args.ckpt, dtype=dtype)  # the same weights, blocks through model.compiled_block
         compiled_blocks.compile_blocks = True
         hf_kd_step = hf_kd_step_fn(peft, hf, x, a.temperature)
@@ -459,7 +461,7 @@ def bench_vs_hf(args, dtypes):
 
 
 def bench_eval(args):
-    docs = evaluate.read_task("arc_easy", 40)  # the first 40 ARC-Easy test questions, 4 choices each
+    docs = data.read_task("arc_easy", 40)  # the first 40 ARC-Easy test questions, 4 choices each
     print("| dtype | batched examples/s | one request per forward, examples/s | speed-up |")
     print("|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
@@ -475,7 +477,7 @@ def bench_eval(args):
     except ImportError:
         return print("\nlm-evaluation-harness is not installed (an optional peer): pip install lm-eval==0.4.13")
     # The same requests through the harness's Hugging Face model, on the same weights saved as safetensors
-    pairs = [(c, x) for task in ("arc_easy", "hellaswag") for d in evaluate.read_task(task, 40)
+    pairs = [(c, x) for task in ("arc_easy", "hellaswag") for d in data.read_task(task, 40)
              for c, x in zip(*evaluate.make_example(task, d)[:2])]
     print(f"\nAgainst lm-evaluation-harness (HFLM, loglikelihood): {len(pairs)} requests of the first 40 ARC-Easy and "
           f"40 HellaSwag documents, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds, medians\n\n"
@@ -544,8 +546,8 @@ def paper_step(shape, n_layers, grad_checkpoint, batch, seq_len, timed_step):
     torch.set_default_dtype(torch.float32)
     m.grad_checkpoint = grad_checkpoint
     g = torch.Generator().manual_seed(0)
-    la = {k: v.requires_grad_(True) for k, v in nute.init_log_alpha(c, g).items()}
-    lora = {k: v.requires_grad_(True) for k, v in nute.init_lora(m, ["q", "v"], 8, g).items()}
+    la = {k: v.requires_grad_(True) for k, v in masks.init_log_alpha(c, g).items()}
+    lora = {k: v.requires_grad_(True) for k, v in model.init_lora(m, ["q", "v"], 8, g).items()}
     x = torch.randint(0, c.vocab_size, (batch, seq_len), generator=g)
     saved = {}
 
@@ -569,7 +571,7 @@ def bench_plan(args):
     """Memory of the paper's step (4 x 512, bf16) per layer, extrapolated to the full depth; CPU time of the
     step for the first shape (the others scale with their weights per layer)."""
     B, T, gb = 4, 512, 2**30
-    model.SLOW_16BIT = {}  # the GPU's case: 16-bit kernels, no fp32 copies kept for backward
+    kernels.SLOW_16BIT = {}  # the GPU's case: 16-bit kernels, no fp32 copies kept for backward
     print(f"batch {B} x {T}, bf16, LoRA r8 on q,v, PKD with the layer loss; measured on this CPU "
           f"({torch.get_num_threads()} threads)\n")
     print("| model | weights (GB) | activations per layer (MB) | + checkpointing | other activations (GB) | "
@@ -587,15 +589,15 @@ def bench_plan(args):
             row[ckpt] = (b2 - b1, b1 - (b2 - b1), (s2 - s1) if timed_step else None)
         L, c = shape["layers"], model.ModelConfig(**{k: v for k, v in shape.items() if k != "layers"}, head_dim=128,
                                                   vocab_size=32000, n_layers=shape["layers"])
-        weights = 2 * (model.prunable_size(c) + 2 * c.vocab_size * c.dim + (2 * L + 1) * c.dim)  # bf16
+        weights = 2 * (masks.prunable_size(c) + 2 * c.vocab_size * c.dim + (2 * L + 1) * c.dim)  # bf16
         lora = 8 * L * (2 * c.dim + (c.n_heads + c.n_kv_heads) * c.head_dim) * 16  # fp32 weight, grad, Adam m, v
         teacher_states = L * B * T * c.dim * 2  # the teacher's hidden states, kept for Eq. 6
         total = {k: weights + lora + teacher_states + base + L * layer for k, (layer, base, _) in row.items()}
         total[True] += row[False][0]  # backward recomputes one block at a time: its activations, once
         fsdp = weights / 8 + lora + teacher_states + row[True][1] + L * row[True][0] + row[False][0] + weights / L
         if timed_step:  # the other shapes' time scales with the weights of a layer
-            per_layer_s, first = {k: v[2] for k, v in row.items()}, model.prunable_size(c) / L
-        ratio = model.prunable_size(c) / L / first if first else None
+            per_layer_s, first = {k: v[2] for k, v in row.items()}, masks.prunable_size(c) / L
+        ratio = masks.prunable_size(c) / L / first if first else None
         secs = " | ".join("-" if ratio is None else f"{per_layer_s[k] * ratio:.1f}" + ("" if timed_step else " (scaled)")
                           for k in (False, True))
         print(f"| {name} | {weights / gb:.1f} | {row[False][0] / 2**20:.0f} | {row[True][0] / 2**20:.0f} | "
