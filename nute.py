@@ -34,9 +34,8 @@ from masks import (LOG_ALPHA_MAX, LOG_ALPHA_MIN, MASKS, deterministic_z, expecte
                    mask_sparsity, project_to_target, sample_z, structure_table, target_at, warmup_for)
 from model import LORA_TARGETS, build, compile_decoding, decode_one_token, init_lora, slice_model
 
-# What other code may call (lab/ does; tests/test_repo.py holds it to these): the rest may change freely.
 __all__ = ["Student", "TeacherQueue", "State", "start", "distill_loss", "micro_step", "train_step", "train",
-           "get_args", "main"]
+           "get_args", "main"]  # what other code may call (lab/ does: tests/test_repo.py); the rest may change
 
 # ----------------------------------------------------------------------------------------------------
 # The student and its teachers (Sec. 3.2, Eq. 8-9)
@@ -311,9 +310,8 @@ def train(args):
     settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
     out, run_id = open_run(args.out, settings, args.resume) if args.rank == 0 else (Path(args.out), None)
     if args.world > 1:  # the other ranks learn the run id (and wait for rank 0's checks)
-        run_id = [run_id]
-        dist.broadcast_object_list(run_id)
-        run_id = run_id[0]
+        dist.broadcast_object_list(box := [run_id])
+        run_id = box[0]
     fixed = baselines.baseline_masks(args, model, batches, out) if args.method != "nuteprune" else {}
     state = start(args, model, fixed)
     if args.fsdp:

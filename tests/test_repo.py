@@ -15,7 +15,7 @@ from conftest import ROOT
 ORDER = ["kernels", "masks", "data", "model",
          "formats/__init__", "formats/gguf", "formats/tokenizer", "formats/hub", "formats/layout", "formats/checkpoint",
          "evaluate", "baselines", "nute",
-         "lab/__init__", "lab/experiments", "lab/bench"]
+         "lab/__init__", "lab/experiments", "lab/bench", "lab/versus"]
 CORE = {"kernels", "masks", "data", "model", "evaluate", "baselines", "nute"}
 ALLOWED = {"kernels": set(), "masks": set(), "data": set(), "model": {"kernels"}}  # beyond them: formats/*, core
 
@@ -72,7 +72,7 @@ def test_every_file_imports_only_what_its_tier_may():
 def test_the_lab_uses_only_public_names_of_the_core():
     """lab/ calls the core through public names only (in the module's __all__ where it has one, else no leading
     underscore), so renaming a helper inside nute.py cannot break a benchmark unnoticed."""
-    for name in ("lab/bench", "lab/experiments"):
+    for name in ("lab/bench", "lab/versus", "lab/experiments"):
         tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
         aliases, used = {}, []
         for dep, _, a, module in project_imports(tree):
@@ -90,7 +90,7 @@ def test_the_lab_uses_only_public_names_of_the_core():
 
 
 @pytest.mark.parametrize("command", ["nute.py", "evaluate.py", "data.py", "-m formats.checkpoint", "-m lab.bench",
-                                     "-m lab.experiments"])
+                                     "-m lab.versus", "-m lab.experiments"])
 def test_every_command_prints_its_help(command):
     r = subprocess.run([sys.executable, *command.split(), "--help"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("usage:"), r.stderr[-300:]
