@@ -85,11 +85,10 @@ def read_texts(path):
     return docs
 
 
-def split_docs(docs, every=10):
-    """Deterministic train / held-out split by document: a document is held out iff
-    crc32(text) % every == 0. It depends only on the text, so no file order or reshuffle
-    can put one document on both sides."""
-    held = [zlib.crc32(d.encode()) % every == 0 for d in docs]
+def split_docs(docs, every=10, residue=0):
+    """Deterministic split by document -> (the rest, the documents with crc32(text) % every == residue). It
+    depends only on the text, so no file order or reshuffle can put one document on both sides."""
+    held = [zlib.crc32(d.encode()) % every == residue for d in docs]
     return [d for d, h in zip(docs, held) if not h], [d for d, h in zip(docs, held) if h]
 
 
@@ -114,13 +113,15 @@ def pack(docs, tok, seq_len, sep=None, blocks=None):
 
 
 def default_texts(every=10):
-    """Default pruning data -> (train docs, held-out docs): train = C4 + Wikipedia minus held-out,
-    held-out = Wikipedia documents picked by split_docs (about 1 in `every`), never in train."""
+    """Default pruning data -> (train, held-out, validation) documents. Held-out: the Wikipedia documents with
+    crc32 % every == 0, the test text every reported perplexity uses; validation: those with crc32 % every == 1,
+    on which defaults are chosen; train: C4 and the other Wikipedia documents. No document is in two of them."""
     wiki, c4 = text_path("wiki"), text_path("c4")
     if not (verified(wiki, TEXTS[3]["wiki"]) and verified(c4, TEXTS[3]["c4"])):
         raise ValueError(f"default texts missing or damaged in {cache_dir() / 'texts'}; run `python data.py fetch`")
     wiki_train, held = split_docs(read_texts(wiki), every)
-    return read_texts(c4) + wiki_train, held
+    wiki_train, validation = split_docs(wiki_train, every, residue=1)
+    return read_texts(c4) + wiki_train, held, validation
 
 
 ALPACA = ("Below is an instruction that describes a task, paired with an input that provides further context. "

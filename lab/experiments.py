@@ -87,19 +87,21 @@ def report(rows, args, heldout):
             f"{args.seq_len} tokens, {args.dtype}, seed {args.seeds}; perplexity at seq_len 128 on {heldout}"
             + ("" if args.tasks == "none" else f"; tasks: first {args.limit} examples of each" if args.limit else "; tasks: full splits"))
     steps = [k * args.steps // 6 for k in range(1, 7)]
-    lines = ["| row | choosing masks (min) | training (min) | peak memory (MB) | scoring (min) | "
-             + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (5 + len(steps)) + "|"]
+    lines = ["| row | validation perplexity | choosing masks (min) | training (min) | peak memory (MB) | scoring (min) | "
+             + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (6 + len(steps)) + "|"]
     for x in rows:
         sparsity = [f"{x['log'][s]['expected_sparsity']:.3f}" if s in x["log"] else "-" for s in steps]
         # from the run's own records (masks.json, log.jsonl's step times), however the row was produced
         train_min = sum(args.batch_size * args.seq_len / r["tokens_per_s"] for r in x["log"].values()) / 60
         peak = max([r["memory_mb"] for r in x["log"].values()] + [x["masks"].get("peak_mb", 0)])
-        lines.append(f"| {x['ratio']} {x['method']} | {x['masks'].get('seconds', 0) / 60:.1f} | {train_min:.1f} | "
+        valid = f"{x['valid_ppl']:.2f}" if x.get("valid_ppl") else "-"
+        lines.append(f"| {x['ratio']} {x['method']} | {valid} | {x['masks'].get('seconds', 0) / 60:.1f} | {train_min:.1f} | "
                      f"{f'{peak:,.0f}' if peak else '-'} | {x['score_min']:.1f} | " + " | ".join(sparsity) + " |")
     spread = seed_spread(rows)
     return (evaluate.table(rows, Path(heldout).name) + "\n\n" + note
             + ("\n\nOver the seeds (mean +- standard deviation):\n\n" + spread if spread else "")
-            + "\n\nWall time and expected sparsity (Eq. 3) during training:\n\n" + "\n".join(lines) + "\n")
+            + "\n\nPer row: perplexity on the validation text (defaults are chosen on it, never on the held-out text), "
+            "wall time, and the expected sparsity (Eq. 3) during training:\n\n" + "\n".join(lines) + "\n")
 
 
 def get_args(argv=None):
@@ -111,6 +113,8 @@ def get_args(argv=None):
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--data", help="training text (default: the fetched C4 + Wikipedia train part)")
     p.add_argument("--heldout", help="perplexity text (default: the held-out Wikipedia documents)")
+    p.add_argument("--valid", help="validation text, scored per row for choosing defaults (default: the fetched "
+                   "Wikipedia validation documents; none with --data)")
     p.add_argument("--tasks", default="all")
     p.add_argument("--limit", type=int, default=200, help="first N examples of each task; 0 = full splits")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
@@ -183,7 +187,12 @@ def shared_masks(job, args):
     return []
 
 
-def run_job(job, args, common, scoring, base):
+def where_of(args, run, target):
+    """evaluate.py's flags for a row: the base checkpoint, masked by the run's adapter (the dense row: none)."""
+    return ["--ckpt", args.ckpt] + (["--run", run] if target is not None else [])
+
+
+def run_job(job, args, common, scoring, base, valid):
     """Trains (or resumes) and scores one row unless its result exists -> the row for the table."""
     name, folder, ratio, target, flags = job
     out = Path(args.out)
@@ -198,16 +207,20 @@ def run_job(job, args, common, scoring, base):
             run.mkdir(exist_ok=True)
             save_adapter(at_target(trained, target, base), run)
         train_s = time.time() - t0
-        where = ["--ckpt", args.ckpt] + (["--run", run] if target is not None else [])
-        sh(["evaluate.py", *where, *scoring, "--ratio", ratio, "--out", result], log)
+        sh(["evaluate.py", *where_of(args, run, target), *scoring, "--ratio", ratio, "--out", result], log)
         r = json.loads(result.read_text())
         r["train_seconds"], r["row_seconds"] = train_s, time.time() - t0
         result.write_text(json.dumps(r, indent=1))
     r = json.loads(result.read_text())
+    if valid and "valid_ppl" not in r:  # the validation text, for choosing defaults
+        sh(["evaluate.py", *where_of(args, run, target), "--ppl", valid, "--dtype", args.dtype, "--out",
+            out / f"{folder}-valid.json"], log)
+        r["valid_ppl"] = json.loads((out / f"{folder}-valid.json").read_text())["results"][0]["ppl"]
+        result.write_text(json.dumps(r, indent=1))
     if target is not None and "sparsity" not in r:  # the masks land near the target, not on it
         r["sparsity"] = mask_sparsity(load_file(str(run / "adapter.safetensors")), base)
         result.write_text(json.dumps(r, indent=1))
-    return {**r["results"][0], "method": name, "ratio": ratio + (f" ({r['sparsity']:.1%})" if target else ""),
+    return {**r["results"][0], "valid_ppl": r.get("valid_ppl"), "method": name, "ratio": ratio + (f" ({r['sparsity']:.1%})" if target else ""),
             "score_min": (r["row_seconds"] - r["train_seconds"]) / 60,
             "masks": json.loads((trained / "masks.json").read_text()) if (trained / "masks.json").exists() else {},
             "log": {x["step"]: x for x in map(json.loads, open(trained / "log.jsonl"))} if target else {}}
@@ -224,6 +237,10 @@ def main():
     if heldout is None:  # never trained on: data.default_texts() keeps these documents out of the training part
         heldout = out / "heldout-wiki.txt"
         heldout.write_text("\n\n".join(data.default_texts()[1]))
+    valid = args.valid
+    if valid is None and args.data is None:  # neither trained on nor the held-out text
+        valid = out / "valid-wiki.txt"
+        valid.write_text("\n\n".join(data.default_texts()[2]))
     common = ["--ckpt", args.ckpt, "--steps", args.steps, "--batch-size", args.batch_size,
               "--seq-len", args.seq_len, "--dtype", args.dtype, "--no-eval"]
     common += ["--data", args.data] if args.data else []
@@ -233,7 +250,7 @@ def main():
     base = load(args.ckpt, torch.bfloat16, "cpu")[0].config  # the intact model's sizes
     jobs, rows = make_jobs(args), []
     for job in jobs:
-        rows.append(run_job(job, args, common, scoring, base))
+        rows.append(run_job(job, args, common, scoring, base, valid))
         (out / "table.md").write_text(report(rows, args, heldout))
         print(f"{job[2]} {job[0]}: done", flush=True)
     teachers_md = out / "teachers.md"  # why PKD does (not) beat KD: how good were its teachers?

@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,8 @@ def test_split_docs_is_deterministic_and_disjoint():
     assert 60 < len(held) < 140  # about 1 in 10
     train2, held2 = data.split_docs(docs[::-1])  # order does not matter, only the text
     assert set(held2) == set(held)
+    _, other = data.split_docs(train, residue=1)
+    assert 60 < len(other) < 140 and not set(other) & set(held)
 
 
 def test_pack():
@@ -98,9 +101,10 @@ def test_cache_paths(monkeypatch, tmp_path):
         data.default_texts()
     shas = {n: data.sha256(tmp_path / "texts" / f"{n}.utf8") for n in ("c4", "wiki")}
     monkeypatch.setattr(data, "TEXTS", data.TEXTS[:3] + (shas,))
-    train, held = data.default_texts()
-    assert train[:2] == ["web page one", "web page two"] and len(train) + len(held) == 102
-    assert held and not set(held) & set(train)
+    train, held, validation = data.default_texts()
+    assert train[:2] == ["web page one", "web page two"] and len(train) + len(held) + len(validation) == 102
+    assert held and validation and not set(held) & set(train) and not set(validation) & set(train + held)
+    assert all(zlib.crc32(d.encode()) % 10 == 1 for d in validation)
 
 
 def test_cached_files_verified_by_sha256(monkeypatch, tmp_path):

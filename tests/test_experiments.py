@@ -23,7 +23,7 @@ def test_experiments_smoke(tmp_path):
     text.write_text("\n\n".join(f"document {i}: the cat sat on the mat and looked at bird number {i}." for i in range(200)))
     cmd = [sys.executable, "-m", "lab.experiments", "--ckpt", ckpt, "--data", text, "--heldout", text, "--tasks", "none",
            "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--dtype", "fp32", "--targets", "0.3", "--at-target",
-           "--out", tmp_path / "res"]
+           "--valid", text, "--out", tmp_path / "res"]
     r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     table = (tmp_path / "res" / "table.md").read_text()
@@ -43,8 +43,10 @@ def test_experiments_smoke(tmp_path):
         assert (a / "masks.safetensors").read_bytes() == (b / "masks.safetensors").read_bytes()
         assert (a / "masks.json").read_text() == (b / "masks.json").read_text()
         cost = json.loads((a / "masks.json").read_text())
-        row = next(line for line in table.split("Wall time")[1].splitlines() if f"{m} + LoRA |" in line)
-        assert row.split(" | ")[1] == f"{cost['seconds'] / 60:.1f}" and row.split(" | ")[3] != "-"  # minutes, peak MB
+        row = next(line for line in table.split("Per row")[1].splitlines() if f"{m} + LoRA |" in line)
+        assert row.split(" | ")[2] == f"{cost['seconds'] / 60:.1f}" and row.split(" | ")[4] != "-"  # minutes, peak MB
+        valid = json.loads((res / f"{m}-+-LoRA-30-valid.json").read_text())["results"][0]["ppl"]  # the validation text
+        assert row.split(" | ")[1] == f"{valid:.2f}" and json.loads((res / f"{m}-+-LoRA-30.json").read_text())["valid_ppl"] == valid
     # a second call finds every row done and trains nothing
     r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "prune" not in r.stderr

@@ -517,7 +517,7 @@ def test_export_dtype_and_a_like_for_like_report(tiny, tmp_path, monkeypatch):
     fake_latency = lambda m, *a, **k: timed.append(m.tok_embeddings.weight.dtype) or {
         "params": sum(p.numel() for p in m.parameters()), "prefill_ms": 1, "decode_tok_s": 1, "ms_per_token": 1, "bandwidth_gb_s": 1}
     monkeypatch.setattr(nute.evaluate, "latency", fake_latency)
-    monkeypatch.setattr(nute.evaluate.data, "default_texts", lambda: ([], [tiny[1].read_text()[:3000]]))
+    monkeypatch.setattr(nute.evaluate.data, "default_texts", lambda: ([], [tiny[1].read_text()[:3000]], []))
     out = tmp_path / "r"
     nute.main(["--ckpt", str(tiny[0]), "--data", str(tiny[1]), "--out", str(out), "--seq-len", "32", "--batch-size", "2",
                "--dtype", "bf16", "--export-dtype", "fp32", "--target", "0.3", "--steps", "2"])
