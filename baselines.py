@@ -204,12 +204,16 @@ def bonsai_masks(model, batches, target, samples=100, step=0.05, ffn_group=32, r
 # ----------------------------------------------------------------------------------------------------
 # nute.py --method: the masks chosen once, before LoRA recovers, and kept in the run folder
 
-CALIBRATION = 2  # training batches the baselines score units on (LLM-Pruner: 10 sequences)
+CALIBRATION = 8  # training sequences the baselines score units on, in batches of --batch-size (LLM-Pruner: 10)
+
+
+def calibration_batches(args, model, batches):
+    return list(batches[0][:CALIBRATION].to(model.tok_embeddings.weight.device).split(args.batch_size))
 
 
 def baseline_masks(args, model, batches, out):
     """--method magnitude / taylor / bonsai: the masks, chosen once before training (calibration: the first
-    CALIBRATION training batches) and kept in out/masks.safetensors, so a resumed run reuses them."""
+    CALIBRATION training sequences) and kept in out/masks.safetensors, so a resumed run reuses them."""
     path = Path(out) / "masks.safetensors"
     if args.masks and not path.exists():  # chosen by an earlier run: kept here with what choosing cost
         shutil.copy(args.masks, path)
@@ -221,7 +225,7 @@ def baseline_masks(args, model, batches, out):
             raise ValueError(f"{args.masks or path}: not the masks of this model (shapes {mask_shapes(model.config)})")
         return z
     device, t0 = model.tok_embeddings.weight.device, time.time()
-    calibration = [batches[0][i * args.batch_size:(i + 1) * args.batch_size].to(device) for i in range(CALIBRATION)]
+    calibration = calibration_batches(args, model, batches)
     z = {"magnitude": lambda: magnitude_masks(model, args.target),
          "taylor": lambda: taylor_masks(model, calibration, args.target),
          "bonsai": lambda: bonsai_masks(model, calibration, args.target, args.bonsai_samples, seed=args.seed),
@@ -230,3 +234,17 @@ def baseline_masks(args, model, batches, out):
         (Path(out) / "masks.json").write_text(json.dumps({"method": args.method, "seconds": time.time() - t0, "peak_mb": peak_mb(device)}))
         save_file(z, str(path))
     return z
+
+
+def taylor_log_alpha(args, model, batches):
+    """nute.py --mask-init taylor (not in the paper): NutePrune's masks start from the Taylor order. Heads and FFN
+    units are ranked together by Taylor importance per weight on the calibration batches (the order --method
+    taylor drops them in); rank r in [0, 1] (0: least important) gives log_alpha = --init-spread * r. The
+    controller's common shift (kept apart from log_alpha) then removes units in this order unless the task gradient
+    reorders them; a unit further than the clamps' span (log 100 - log 0.01 = 9.2) from the threshold has no
+    gradient and keeps its place. -> {"z_head": [L, H], "z_int": [L, F]}"""
+    c, imp = model.config, taylor_importance(model, calibration_batches(args, model, batches))
+    score = torch.cat([imp["z_head"].flatten() / (2 * c.dim * c.head_dim), imp["z_int"].flatten() / (3 * c.dim)])
+    rank = score.argsort(stable=True).argsort().float() / (len(score) - 1)
+    theta, n = args.init_spread * rank, imp["z_head"].numel()
+    return {"z_head": theta[:n].view_as(imp["z_head"]), "z_int": theta[n:].view_as(imp["z_int"])}

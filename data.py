@@ -161,6 +161,8 @@ def training_blocks(tok, seq_len, path=None, alpaca=None, blocks=None):
         return torch.tensor(rows), torch.tensor(masks, dtype=torch.float32)
     docs = read_texts(path) if path else default_texts()[0]
     ids = pack(docs, tok, seq_len, blocks=blocks)
+    if len(ids) == 0:
+        raise ValueError("the training data is empty")
     return ids, torch.ones(ids.shape, dtype=torch.float32)
 
 

@@ -50,16 +50,20 @@ def keep_prob(log_alpha):
 
 
 @torch.no_grad()
-def deterministic_z(log_alpha, shift=0.0):
+def deterministic_z(log_alpha, shift=0.0, order=None, binary=False):
     """Eval/export mask: zero the round(N - sum P(keep)) units with the smallest log_alpha (per layer for
     heads and FFN units, over all dims for hidden); the rest keep the soft value sigmoid(0.8 log_alpha / beta).
-    shift (not in the reference) counts P(keep) at log_alpha + shift: more or fewer units, the same ranking."""
+    shift (not in the reference) counts P(keep) at log_alpha + shift: more or fewer units, the same ranking.
+    order (`--mask-init taylor`): rank by these values instead (log_alpha there is clamped and ties at the clamps).
+    binary (`--final-masks binary`, not in the reference): kept units get 1. After a short run most log_alpha
+    sit inside the clamps, so the soft values scale kept units down (lab/NOTEBOOK.md, "Learned masks")."""
     rows = log_alpha.reshape(-1, log_alpha.shape[-1]).float()
-    z = torch.sigmoid(rows / BETA * 0.8)
+    ranks = rows if order is None else order.reshape(rows.shape).float()
+    z = torch.ones_like(rows) if binary else torch.sigmoid(rows / BETA * 0.8)
     for r in range(rows.shape[0]):
         n_zero = round(rows.shape[1] - keep_prob(rows[r] + shift).sum().item())
         if n_zero > 0:
-            z[r, rows[r].topk(n_zero, largest=False).indices] = 0
+            z[r, ranks[r].topk(n_zero, largest=False).indices] = 0
     return z.reshape(log_alpha.shape)
 
 
@@ -87,7 +91,8 @@ def expected_size(p_head, p_int, p_hid, config):
 def expected_sparsity(log_alpha, config):
     """s_hat = 1 - E / M, Eq. 3 with each unit counted by its keep probability."""
     p = {k: keep_prob(v) for k, v in log_alpha.items()}
-    return 1 - expected_size(p["z_head"], p["z_int"], p["z_hid"], config) / prunable_size(config)
+    p_hid = p["z_hid"] if "z_hid" in p else torch.ones(config.dim, device=p["z_int"].device)  # --prune-hidden no
+    return 1 - expected_size(p["z_head"], p["z_int"], p_hid, config) / prunable_size(config)
 
 
 def mask_sparsity(z, config):
@@ -138,19 +143,30 @@ def lagrangian(s_hat, target, lambdas):
     (`--controller lagrangian`, the paper's way to reach the target)."""
     return lambdas[0] * (s_hat - target) + lambdas[1] * (s_hat - target) ** 2
 
+def shifted(log_alpha, c):
+    """clamp(log_alpha + c): what the masks use when the controller's shift c is kept apart."""
+    return {k: (v + c).clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX) for k, v in log_alpha.items()}
+
 @torch.no_grad()
-def project_to_target(log_alpha, target, config, iters=50):
-    """The default controller (`--controller project`, not in the paper): after each optimizer step, shift
-    every log_alpha by one constant c so that Eq. 3's expected sparsity equals the ramped target exactly.
-    s_hat(log_alpha + c) falls monotonically in c, so bisection finds c. The shift sets how many units are
-    kept; which ones is left to what the task gradient taught log_alpha (a common shift keeps their order).
-    Unlike Eq. 11 it has no state, so nothing winds up, and it needs no rate: it reaches any target in one
-    step, where Adam moves log_alpha ~lr a step from its clamp (tens of steps before the first unit goes)."""
-    shifted = lambda c: {k: (v + c).clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX) for k, v in log_alpha.items()}
-    span = 2 * (LOG_ALPHA_MAX - LOG_ALPHA_MIN)  # enough to move any log_alpha from one clamp to the other
+def project_to_target(log_alpha, target, config, write=True, iters=50):
+    """The default controller (`--controller project`, not in the paper): after each optimizer step, one
+    constant c for every log_alpha so that Eq. 3's expected sparsity of clamp(log_alpha + c) equals the ramped
+    target exactly -> c. s_hat falls monotonically in c, so bisection finds it. The shift sets how many units
+    are kept; which ones is left to the order of log_alpha (an importance prior, what the task gradient taught).
+    Unlike Eq. 11 it has no state, so nothing winds up, and it needs no rate: it reaches any target in one step.
+    write=True (`--mask-init clamp`) writes clamp(log_alpha + c) back: that erases the order of every unit it pushes
+    against a clamp (all of them while a low ramped target needs c > 0). write=False (`--mask-init taylor`) leaves
+    log_alpha as it is; the caller keeps c and the masks use clamp(log_alpha + c)."""
+    span = 2 * (LOG_ALPHA_MAX - LOG_ALPHA_MIN)  # enough to move any clamped log_alpha from one clamp to the other
     lo, hi = -span, span
+    if not write:  # unclamped values: from every unit below the lower clamp to every unit above the upper one
+        lo = LOG_ALPHA_MIN - max(v.max().item() for v in log_alpha.values()) - 1
+        hi = LOG_ALPHA_MAX - min(v.min().item() for v in log_alpha.values()) + 1
     for _ in range(iters):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if expected_sparsity(shifted(mid), config) > target else (lo, mid)
-    for k, v in shifted((lo + hi) / 2).items():
-        log_alpha[k].copy_(v)
+        lo, hi = (mid, hi) if expected_sparsity(shifted(log_alpha, mid), config) > target else (lo, mid)
+    c = (lo + hi) / 2
+    if write:
+        for k, v in shifted(log_alpha, c).items():
+            log_alpha[k].copy_(v)
+    return c

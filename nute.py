@@ -31,7 +31,7 @@ from formats.checkpoint import (LoadError, check_device, check_finite, check_run
 from formats.layout import pad_model
 from kernels import TemperedKL, average_over_ranks, full_state, init_distributed, peak_mb, shard
 from masks import (LOG_ALPHA_MAX, LOG_ALPHA_MIN, MASKS, deterministic_z, expected_sparsity, init_log_alpha, lagrangian,
-                   mask_sparsity, project_to_target, sample_z, structure_table, target_at, warmup_for)
+                   mask_sparsity, project_to_target, sample_z, shifted, structure_table, target_at, warmup_for)
 from model import LORA_TARGETS, build, compile_decoding, decode_one_token, init_lora, slice_model
 
 __all__ = ["Student", "TeacherQueue", "State", "start", "distill_loss", "micro_step", "train_step", "train",
@@ -46,34 +46,34 @@ class Student:
     log_alpha: dict
     lora: dict
     lora_scale: float
-    fixed: dict  # masks that do not learn (magnitude baseline, post fine-tuning), else {}
+    fixed: dict  # masks that do not learn (a baseline's, post fine-tuning's; z_hid with --prune-hidden no)
+    shift: float = None  # --mask-init taylor: the controller's common shift, kept apart (the order survives)
+    binary: bool = False  # --final-masks binary: the deterministic masks keep units at 1
+
+    def effective(self):
+        """The log_alpha the masks use: clamp(log_alpha + shift) with the shift kept apart, else log_alpha."""
+        return self.log_alpha if self.shift is None else shifted(self.log_alpha, self.shift)
 
     def adapter(self, gen):
         """The adapter of one training step: masks sampled once (Eq. 10) + LoRA."""
-        z = {k: sample_z(v, gen) for k, v in self.log_alpha.items()} if self.log_alpha else self.fixed
-        return {**z, **self.lora, "lora_scale": self.lora_scale}
+        z = {k: sample_z(v, gen) for k, v in self.effective().items()}
+        return {**self.fixed, **z, **self.lora, "lora_scale": self.lora_scale}
 
     def frozen(self):
         """Deterministic masks + a copy of LoRA on the CPU: a teacher snapshot, or the run's result."""
-        masks = {k: deterministic_z(v) for k, v in self.log_alpha.items()} if self.log_alpha else self.fixed
-        return {**{k: v.detach().float().cpu().clone() for k, v in {**masks, **self.lora}.items()},
+        order = self.log_alpha if self.shift is not None else {}  # clamped values tie: rank by the learned ones
+        masks = {k: deterministic_z(v, order=order.get(k), binary=self.binary) for k, v in self.effective().items()}
+        return {**{k: v.detach().float().cpu().clone() for k, v in {**self.fixed, **masks, **self.lora}.items()},
                 "lora_scale": torch.tensor(float(self.lora_scale))}
 
 
 class TeacherQueue:
-    """Snapshots of the student's deterministic masks + LoRA at sparsity points i, 2i, ... below the target.
-
-    Recording (as the reference): at most one snapshot a step, in order; a step that passed several points
-    records the next one, the following steps the rest.
-    Schedule (`teacher_key`), with gap g and interval i (defaults 0.10 and 0.01):
-      stage 1, until every point is recorded and the student has reached the target: a student at
-        sparsity s learns from the snapshot at s - g, key floor((s - g) / i) (Eq. 8); while there is no
-        such snapshot (s < g + i), from the intact model (Eq. 9).
-      stage 2, from then to the end: a sparsity that falls linearly from the target to 0 picks the
-        snapshot at or just above it, less g, so the teachers go from weak (t - g) to strong, an equal
-        share of steps each, and the intact model teaches the final g / t of stage 2 (50% at t = 0.2).
-    A snapshot lives on the CPU; a teacher forward moves it to the device for that forward only.
-    """
+    """Snapshots of the student's deterministic masks + LoRA at sparsity points i, 2i, ... below the target (at
+    most one a step, in order, as the reference), on the CPU. Schedule (`teacher_key`), gap g, interval i: stage 1,
+    until every point is recorded and the student has reached the target: a student at sparsity s learns from the
+    snapshot at s - g, key floor((s - g) / i) (Eq. 8), or while there is none (s < g + i) the intact model (Eq. 9).
+    Stage 2, to the end: a sparsity that falls linearly from the target to 0 picks the snapshot at or just above
+    it, less g: teachers from weak (t - g) to strong, an equal share of steps each, the intact model last."""
 
     def __init__(self, target, interval=0.01, gap=0.10):
         self.target, self.interval, self.gap = target, interval, gap
@@ -100,12 +100,10 @@ class TeacherQueue:
 
 
 def distill_loss(logits_s, logits_t, hidden_s, hidden_t, z_hid, temperature, layer_norm="none"):
-    """Eq. 5: KL(teacher || student) at temperature T, summed over tokens, averaged over the batch.
-    Eq. 6: sum over the states of Transformer.forward(return_hidden=True) (HF's hidden_states[1:]) of their
-    MSE over the hidden dims the student keeps, each cast to fp16 as the reference does (so an MSE past
-    65504 is inf and its step is skipped). layer_norm="teacher" (not in the reference) divides each MSE by
-    the teacher's mean square there: every layer then counts alike, where SmolLM2's few huge activations
-    otherwise make the sum (lab/NOTEBOOK.md, "The losses")."""
+    """Eq. 5: KL(teacher || student) at temperature T, summed over tokens, averaged over the batch. Eq. 6: sum over
+    the states of forward(return_hidden=True) (HF's hidden_states[1:]) of their MSE over the kept hidden dims, each
+    cast to fp16 as the reference does (past 65504 it is inf: the step is skipped). layer_norm="teacher" (not in the
+    reference) divides each by the teacher's mean square there (lab/NOTEBOOK.md, "The losses")."""
     kl = TemperedKL.apply(logits_s, logits_t, temperature)
     kept, layer = z_hid > 0, torch.zeros((), device=logits_s.device)
     for hs, ht in zip(hidden_s, hidden_t):
@@ -128,19 +126,20 @@ def next_token_loss(logits, tokens, loss_mask):
 
 def micro_step(model, x, loss_mask, student, teacher, distill, args):
     """Forward and backward of one micro-batch -> its loss terms ("skipped" when the loss is not finite).
-    teacher: an adapter, or None for the intact model; distill=False trains on the next-token loss instead
-    (no-KD ablation, fine-tuning)."""
+    teacher: an adapter, or None for the intact model. distill: Eq. 7's terms (+ --ce-weight times the next-token
+    loss, not in the reference), else the next-token loss alone (no-KD ablation, fine-tuning)."""
     logits, hidden = model(x, student, return_hidden=True)
-    if not distill:
-        loss = next_token_loss(logits, x, loss_mask)
-        terms = {"ce": loss.item()}
-    else:
+    loss, terms = 0.0, {}
+    if distill:
         with torch.no_grad():  # same base weights, teacher masks + LoRA: no second model
             logits_t, hidden_t = model(x, teacher, return_hidden=True)
         hidden = hidden if args.layer_weight else []  # weight 0: skip the layer loss altogether
         kl, layer = distill_loss(logits, logits_t, hidden, hidden_t, student["z_hid"], args.temperature, args.layer_norm)
         loss = args.kl_weight * kl + args.layer_weight * layer  # Eq. 7 without the L0 term
         terms = {"kl": kl.item(), "layer": layer.item()}
+    if not distill or args.ce_weight:
+        ce = next_token_loss(logits, x, loss_mask)
+        loss, terms["ce"] = loss + (args.ce_weight if distill else 1.0) * ce, ce.item()
     if not torch.isfinite(loss):  # the reference skips such a step: no backward, no update
         return {**terms, "skipped": 1}
     (loss / args.grad_accum).backward()
@@ -170,11 +169,10 @@ class State:
     gen: torch.Generator  # LoRA init and mask noise: the same on every rank
 
 
-def start(args, model, fixed=None):
-    """A new run's state. The student's masks come from one of three sources: learned (NutePrune), a pruning
-    run's (post fine-tuning, --run) or a baseline's (`fixed`, from baselines.baseline_masks); the last two stay
-    fixed while LoRA trains. AdamW for each group that learns (with `--controller lagrangian` the lambdas too, by
-    gradient ascent: Eq. 11 is maximized over them), and an empty teacher queue."""
+def start(args, model, fixed=None, prior=None):
+    """A new run's state. The masks are learned (NutePrune; log_alpha from `prior` where given), a pruning run's
+    (--run) or a baseline's (`fixed`); the last two stay fixed while LoRA trains. AdamW for each group that learns
+    (with `--controller lagrangian` the lambdas too, by ascent: Eq. 11 is maximized over them); no teachers yet."""
     gen = torch.Generator().manual_seed(args.seed)
     targets, device = args.lora_targets.split(","), model.tok_embeddings.weight.device
     log_alpha, fixed = {}, fixed or {}
@@ -186,12 +184,16 @@ def start(args, model, fixed=None):
         fixed = {k: v.to(device) for k, v in fixed.items()}
         lora = init_lora(model, targets, args.lora_rank, gen)
     else:
-        log_alpha = init_log_alpha(model.config, gen)
+        log_alpha = {**init_log_alpha(model.config, gen), **(prior or {})}
+        if args.prune_hidden == "no":  # every hidden dim kept, as every baseline does
+            log_alpha.pop("z_hid")
+            fixed = {"z_hid": torch.ones(model.config.dim, device=device)}
         lora = {} if args.masks_only else init_lora(model, targets, args.lora_rank, gen)
     for group in (log_alpha, lora):
         for k in group:
             group[k] = group[k].to(device).requires_grad_(True)
-    student = Student(log_alpha, lora, args.lora_alpha / args.lora_rank, fixed)
+    shift = project_to_target(log_alpha, 0.0, model.config, write=False) if prior and log_alpha else None  # apart
+    student = Student(log_alpha, lora, args.lora_alpha / args.lora_rank, fixed, shift, args.final_masks == "binary")
     lambdas = torch.zeros(2, device=device, requires_grad=True)
     adamw = lambda params, lr, **kw: torch.optim.AdamW(params, lr=lr, weight_decay=0, **kw)
     opts = {}
@@ -209,13 +211,12 @@ def save_checkpoint(out, run_id, step, state):
     for group in (st.log_alpha, st.lora, {"lambdas": state.lambdas}):
         check_finite(group, Path(out) / "checkpoint.pt")
     save_run_state(out, {"log_alpha": st.log_alpha, "lora": st.lora, "lambdas": state.lambdas, "step": step,
-                         "opts": {k: o.state_dict() for k, o in state.opts.items()}, "queue": vars(state.queue),
-                         "rng": state.gen.get_state(), "run_id": run_id})
+                         "shift": st.shift, "opts": {k: o.state_dict() for k, o in state.opts.items()},
+                         "queue": vars(state.queue), "rng": state.gen.get_state(), "run_id": run_id})
 
 
 def restore_checkpoint(out, run_id, state):
-    """Puts the saved state back into the live tensors and objects -> the step to go on from (0 when the
-    run died before its first checkpoint). Every rank reads it; rank 0 alone trims the log."""
+    """The saved state back into the live tensors -> the step to go on from (0: died before the first checkpoint)."""
     ck = load_run_state(out, run_id, state.lambdas.device, trim_log=int(os.environ.get("RANK", 0)) == 0)
     if ck is None:
         return 0
@@ -228,6 +229,7 @@ def restore_checkpoint(out, run_id, state):
         opt.load_state_dict(ck["opts"][name])
     state.queue.snapshots, state.queue.stage2_start = ck["queue"]["snapshots"], ck["queue"]["stage2_start"]
     state.gen.set_state(ck["rng"])
+    state.student.shift = ck.get("shift")
     return ck["step"]
 
 
@@ -235,21 +237,19 @@ def train_step(step, model, batches, state, args):
     """One optimizer step: sample masks, pick the teacher, forward/backward every micro-batch, step the
     optimizers, bring the expected sparsity to the target, snapshot the student -> the step's log row."""
     student, lambdas, opts, queue, gen = state.student, state.lambdas, state.opts, state.queue, state.gen
-    t0, config, device = time.time(), model.config, lambdas.device
+    t0, config, device, learn_masks = time.time(), model.config, lambdas.device, bool(student.log_alpha)
     target = target_at(step + 1, args.target, round(args.warmup * args.steps))  # the target this step ends on
-    learn_masks = bool(student.log_alpha)
     lr_lora = args.lr_lora * (1 - step / args.steps)  # linear decay to 0
     if "lora" in opts:
         opts["lora"].param_groups[0]["lr"] = lr_lora
     adapter = student.adapter(gen)
-    # the masks are sampled once a step; every micro-batch adds its gradient to z, and z's own graph back
-    # to log_alpha is walked once, after the last micro-batch
+    # masks sampled once a step: every micro-batch adds its gradient to z; z's graph to log_alpha is walked once
     sampled = {k: adapter[k] for k in student.log_alpha}
     adapter.update({k: z.detach().requires_grad_() for k, z in sampled.items()})
     distill = "none" if args.finetune else args.distill
     key = teacher = None
     if distill == "pkd" and learn_masks:  # with fixed masks there are no snapshots: the intact model teaches
-        key = queue.teacher_key(step, expected_sparsity(student.log_alpha, config).item(), args.steps)
+        key = queue.teacher_key(step, expected_sparsity(student.effective(), config).item(), args.steps)
         teacher = None if key is None else {k: v.to(device) for k, v in queue.snapshots[key].items()}
     terms = {"kl": 0.0, "layer": 0.0, "ce": 0.0, "skipped": 0}
     for micro in range(args.grad_accum):  # this rank's share of the global batch (all of it in one process)
@@ -265,7 +265,7 @@ def train_step(step, model, batches, state, args):
         terms = {**average_over_ranks((*student.log_alpha.values(), *student.lora.values()), terms, args.world), "skipped": 0}
     lag = torch.zeros(())
     if "lambda" in opts:  # Eq. 7's L0 term: descends on log_alpha, ascends on the lambdas
-        lag = lagrangian(expected_sparsity(student.log_alpha, config), target, lambdas)
+        lag = lagrangian(expected_sparsity(student.effective(), config), target, lambdas)
         lag.backward()
     grads = [p.grad for p in (*student.log_alpha.values(), *student.lora.values(), lambdas) if p.grad is not None]
     terms["skipped"] = int(terms["skipped"] > 0 or not all(torch.isfinite(g).all() for g in grads))
@@ -276,11 +276,12 @@ def train_step(step, model, batches, state, args):
             opt.step()
         opt.zero_grad(set_to_none=True)
     with torch.no_grad():
-        for v in student.log_alpha.values():
+        for v in student.log_alpha.values() if student.shift is None else ():  # kept apart: clamp(v + shift) counts
             v.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
     if learn_masks and args.controller == "project" and not terms["skipped"]:
-        project_to_target(student.log_alpha, target, config)
-    s_now = expected_sparsity(student.log_alpha, config).item() if learn_masks else mask_sparsity(student.fixed, config)
+        c = project_to_target(student.log_alpha, target, config, write=student.shift is None)
+        student.shift = None if student.shift is None else c
+    s_now = expected_sparsity(student.effective(), config).item() if learn_masks else mask_sparsity(student.fixed, config)
     taken = queue.maybe_snapshot(s_now, student) if distill == "pkd" and learn_masks else None
     return {"step": step + 1, **terms, "expected_sparsity": s_now, "target": target, "snapshot": taken,
             **({"lagrangian": lag.item(), "lambda1": lambdas[0].item(), "lambda2": lambdas[1].item()} if "lambda" in opts else {}),
@@ -289,38 +290,32 @@ def train_step(step, model, batches, state, args):
             "memory_mb": peak_mb(device)}
 
 
-def load_model_and_data(args):
-    """-> the intact model, its tokenizer and the training blocks (tokens, loss mask), checked."""
-    model, tok = load(args.ckpt, dtype=DTYPES[args.dtype], device=args.device)
-    model.grad_checkpoint = args.grad_checkpoint
-    if args.seq_len > model.config.max_seq_len:
-        raise ValueError(f"--seq-len {args.seq_len}: {args.ckpt} takes at most {model.config.max_seq_len} tokens")
-    batches = data.training_blocks(tok, args.seq_len, args.data, args.finetune, args.blocks)
-    if len(batches[0]) == 0:
-        raise ValueError("the training data is empty")
-    return model, tok, batches
-
-
 def train(args):
     """The whole run -> (model, tokenizer, adapter), or None when --stop-after ended it early."""
     args.device = init_distributed(args.device, args.world)
     if args.rank == 0:
         check_run_folder(args.out, args.resume)  # before the long load; the folder is written only after it
-    model, tok, batches = load_model_and_data(args)
+    model, tok = load(args.ckpt, dtype=DTYPES[args.dtype], device=args.device)
+    if args.seq_len > model.config.max_seq_len:
+        raise ValueError(f"--seq-len {args.seq_len}: {args.ckpt} takes at most {model.config.max_seq_len} tokens")
+    model.grad_checkpoint = args.grad_checkpoint
+    batches = data.training_blocks(tok, args.seq_len, args.data, args.finetune, args.blocks)  # tokens, loss mask
     settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
     out, run_id = open_run(args.out, settings, args.resume) if args.rank == 0 else (Path(args.out), None)
     if args.world > 1:  # the other ranks learn the run id (and wait for rank 0's checks)
         dist.broadcast_object_list(box := [run_id])
         run_id = box[0]
     fixed = baselines.baseline_masks(args, model, batches, out) if args.method != "nuteprune" else {}
-    state = start(args, model, fixed)
+    prior = None  # a resumed run's log_alpha come from its checkpoint
+    if args.method == "nuteprune" and not args.run and args.mask_init == "taylor" and not (out / "checkpoint.pt").exists():
+        prior = baselines.taylor_log_alpha(args, model, batches)
+    state = start(args, model, fixed, prior)
     if args.fsdp:
         shard(model, args.device, args.world)
     first = restore_checkpoint(out, run_id, state) if args.resume else 0
 
-    # The loop. Every step appends a row to log.jsonl (one write: a crash tears at most the last line);
-    # every save_every steps an atomic checkpoint holds all the state a resume needs (masks, LoRA, lambdas,
-    # optimizers, teacher snapshots, the RNG). A step with a non-finite loss or gradient changes nothing.
+    # The loop. Every step appends a row to log.jsonl (one write: a crash tears at most the last line); every
+    # save_every steps an atomic checkpoint holds all the state a resume needs. A non-finite step changes nothing.
     skipped = in_a_row = 0
     model.compile_blocks = args.compile  # for the training steps only: evaluation and decoding stay eager
     with open(out / "log.jsonl" if args.rank == 0 else os.devnull, "a") as log:
@@ -334,9 +329,8 @@ def train(args):
                 raise Diverged(f"steps {step + 2 - in_a_row}-{step + 1}: the loss or its gradients were NaN or inf "
                                f"{in_a_row} times in a row (learning rate too high? fp16 overflow?); the last "
                                f"checkpoint ({out / 'checkpoint.pt'}) is kept as it was")
-            bar.set_postfix(sparsity=f"{row['expected_sparsity']:.3f}", target=f"{row['target']:.3f}",
-                            **{k: f"{row[k]:.3g}" for k in ("kl", "layer", "ce") if row[k]},
-                            **({"skipped": skipped} if skipped else {}))
+            bar.set_postfix(sparsity=f"{row['expected_sparsity']:.3f}", target=f"{row['target']:.3f}", **{
+                k: f"{row[k]:.3g}" for k in ("kl", "layer", "ce") if row[k]}, **({"skipped": skipped} if skipped else {}))
             if ((step + 1) % args.save_every == 0 or step + 1 == args.steps) and args.rank == 0:
                 log.flush()
                 save_checkpoint(out, run_id, step + 1, state)
@@ -359,6 +353,13 @@ def train(args):
 # ----------------------------------------------------------------------------------------------------
 # Command line
 
+# --recipe: the method's choices; nute's chosen on the validation split (lab/NOTEBOOK.md, "Learned masks")
+RECIPES = {"nute": dict(controller="project", mask_init="taylor", prune_hidden="no", final_masks="binary",
+                        ce_weight=1.0, layer_norm="teacher"),
+           "paper": dict(controller="lagrangian", mask_init="clamp", prune_hidden="yes", final_masks="soft",
+                         ce_weight=0.0, layer_norm="none")}
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="NutePrune: structured pruning with numerous teachers")
     p.add_argument("--ckpt", help="HF, Meta or .gguf checkpoint, or hub name ORG/NAME[@REV] (default: fetched SmolLM2-135M)")
@@ -371,15 +372,17 @@ def get_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=400, help="optimizer steps")
     p.add_argument("--warmup", type=float, help="fraction of steps the target ramps over (default: the paper's)")
-    p.add_argument("--controller", choices=["project", "lagrangian"], default="project",
-                   help="project: shift log_alpha onto the ramped target every step (default); "
-                   "lagrangian: the paper's Eq. 11 with learned lambdas")
-    p.add_argument("--distill", choices=["pkd", "kd", "none"], default="pkd",
-                   help="pkd: progressive numerous teachers; kd: the intact teacher throughout; none: next-token loss")
+    p.add_argument("--recipe", choices=list(RECIPES), default="nute", help="the defaults of the flags marked (recipe)")
+    p.add_argument("--controller", choices=["project", "lagrangian"], help="(recipe) lagrangian: Eq. 11")
+    p.add_argument("--mask-init", choices=["taylor", "clamp"], help="(recipe) log_alpha in Taylor order, or alike")
+    p.add_argument("--init-spread", type=float, default=20.0, help="--mask-init taylor: log_alpha in [0, this]")
+    p.add_argument("--prune-hidden", choices=["no", "yes"], help="(recipe) learn masks over the hidden dims too")
+    p.add_argument("--final-masks", choices=["binary", "soft"], help="(recipe) kept units of teachers and result")
+    p.add_argument("--ce-weight", type=float, help="(recipe) weight of the next-token loss beside Eq. 7's terms")
+    p.add_argument("--distill", choices=["pkd", "kd", "none"], default="pkd", help="pkd: numerous teachers")
     p.add_argument("--masks-only", action="store_true", help="learn masks without LoRA (the paper's dagger rows)")
-    p.add_argument("--method", choices=["nuteprune", "magnitude", "taylor", "bonsai"], default="nuteprune",
-                   help="the baselines fix their masks at --target before training (magnitude: weight norms; taylor: "
-                   "LLM-Pruner's |w * dL/dw|; bonsai: forward passes only), then LoRA recovers for --steps (0: none)")
+    p.add_argument("--method", choices=["nuteprune", "magnitude", "taylor", "bonsai"], default="nuteprune", help="a "
+                   "baseline (baselines.py) fixes its masks at --target, then LoRA recovers for --steps (0: none)")
     p.add_argument("--bonsai-samples", type=int, default=100, help="--method bonsai: sub-models per pruning round")
     p.add_argument("--masks", help="with --method: an earlier run's masks.safetensors instead of choosing again")
     p.add_argument("--lora-rank", type=int, default=8)
@@ -390,9 +393,7 @@ def get_args(argv=None):
     p.add_argument("--lr-lora", type=float, default=None, help="default 1e-3 (pruning), 1e-4 (--finetune)")
     p.add_argument("--kl-weight", type=float, default=0.1, help="Eq. 7, reference default")
     p.add_argument("--layer-weight", type=float, default=0.9, help="alpha_1 of Eq. 7, reference default")
-    p.add_argument("--layer-norm", choices=["none", "teacher"], default="teacher",
-                   help="teacher (default, not in the reference): each layer's MSE divided by the teacher's mean "
-                   "square there; none: the reference's raw MSE")
+    p.add_argument("--layer-norm", choices=["none", "teacher"], help="(recipe) Eq. 6's MSE raw or over the teacher's")
     p.add_argument("--temperature", type=float, default=2 / 3)
     p.add_argument("--interval", type=float, default=0.01, help="snapshot every this much sparsity (i)")
     p.add_argument("--gap", type=float, default=0.10, help="teacher is this much less sparse in stage 1 (g)")
@@ -401,8 +402,7 @@ def get_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base weights over the processes")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward (less memory)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training blocks (the small ops between "
-                   "the products fuse: ~1.15-1.2x a step on a CPU, ~1 min to compile) and the report's decode step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training blocks and decode step")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--stop-after", type=int, help="stop after N steps of this invocation (like a kill; --resume continues)")
@@ -415,21 +415,24 @@ def get_args(argv=None):
 
 
 def check_args(args):
-    """Every setting checked and the defaults that depend on others filled in, before anything is loaded
-    or written -> args."""
+    """Every setting checked, and the defaults that depend on others filled in, before anything is loaded -> args."""
     if not 0 < args.target < 1:
         raise ValueError(f"--target must be in (0, 1), got {args.target}")
+    args.mask_init = args.mask_init or ("clamp" if args.controller == "lagrangian" else None)  # no order in Eq. 11
+    for name, value in RECIPES[args.recipe].items():
+        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+    if args.mask_init == "taylor" and args.controller == "lagrangian":
+        raise ValueError("--mask-init taylor needs --controller project (Eq. 11 and the clamp make every unit alike)")
     flag = lambda name: "--" + name.replace("_", "-")
-    for name in ("steps", "batch_size", "grad_accum", "save_every", "lora_rank", "stop_after", "blocks", "bonsai_samples"):
-        least = 0 if name == "steps" and args.method != "nuteprune" else 1  # a baseline with --steps 0: no recovery
+    for name in ("steps", "batch_size", "grad_accum", "save_every", "lora_rank", "stop_after", "blocks", "bonsai_samples",
+                 "seq_len"):  # a baseline may take --steps 0 (no recovery); --seq-len 2 is one next-token pair
+        least = 0 if name == "steps" and args.method != "nuteprune" else 2 if name == "seq_len" else 1
         if getattr(args, name) is not None and getattr(args, name) < least:
             raise ValueError(f"{flag(name)} must be at least {least}, got {getattr(args, name)}")
-    if args.seq_len < 2:
-        raise ValueError(f"--seq-len must be at least 2 (a next-token pair), got {args.seq_len}")
     for name in ("lr_mask", "lr_lambda", "lr_lora", "lora_alpha", "temperature", "interval"):
         if getattr(args, name) is not None and not 0 < getattr(args, name) < math.inf:
             raise ValueError(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
-    for name in ("kl_weight", "layer_weight", "gap"):
+    for name in ("kl_weight", "layer_weight", "gap", "ce_weight", "init_spread"):
         if not 0 <= getattr(args, name) < math.inf:
             raise ValueError(f"{flag(name)} must be a number >= 0, got {getattr(args, name)}")
     if args.warmup is not None and not 0 <= args.warmup <= 1:
@@ -442,10 +445,8 @@ def check_args(args):
     if args.run and not os.path.isfile(os.path.join(args.run, "adapter.safetensors")):
         raise ValueError(f"--run {args.run}: no adapter.safetensors there (not a finished nute.py run)")
     args.world, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # torchrun's
-    if args.fsdp and args.compile:
-        raise ValueError("--compile is not supported with --fsdp (the sharded blocks are not compiled)")
-    if args.fsdp and args.world < 2:
-        raise ValueError("--fsdp shards over several processes: run under torchrun --nproc_per_node N")
+    if args.fsdp and (args.compile or args.world < 2):
+        raise ValueError("--compile is not supported with --fsdp, which shards over several processes (torchrun)")
     if args.masks and (args.method == "nuteprune" or not os.path.isfile(args.masks)):
         raise ValueError(f"--masks {args.masks}: a baseline's masks.safetensors, given with its --method")
     if args.method != "nuteprune" and (args.run or args.masks_only):
@@ -475,8 +476,7 @@ def main(argv=None):
     model, tok, adapter = result
     out = Path(args.out)
     dtype = DTYPES[args.export_dtype or args.dtype]
-    # zero units (exact) for shapes that decode faster here: every layer in the fixed GQA layout (SDPA reads the
-    # kv heads in place), and in 16 bits widths in multiples of 32 (lab/NOTEBOOK.md, "Pruned vs dense decoding")
+    # zero units (exact) for faster shapes: the GQA layout, 16-bit widths in 32s (NOTEBOOK, "Pruned vs dense decoding")
     small = pad_model(slice_model(model, adapter), 1 if dtype == torch.float32 else 32).to(dtype)
     save(small, tok, out / "model")
     if args.gguf:  # for llama.cpp (python -m formats.checkpoint writes one from any finished run too)

@@ -24,11 +24,18 @@ from safetensors.torch import load_file
 import data
 import evaluate
 from formats.checkpoint import load, save_adapter
-from masks import deterministic_z, mask_sparsity
+from masks import deterministic_z, mask_sparsity, shifted
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: nute.py and evaluate.py
+PREVIOUS = ["--recipe", "paper", "--controller", "project", "--layer-norm", "teacher"]  # the defaults until issue 31
 ROWS = {  # name in the table -> nute.py flags (NutePrune is the default: PKD, masks + LoRA)
     "NutePrune": [],
+    "NutePrune, paper recipe": ["--recipe", "paper"],
+    "NutePrune, previous defaults": PREVIOUS,  # and each of today's changes alone on top of them:
+    "previous + Taylor-ordered masks": PREVIOUS + ["--mask-init", "taylor"],
+    "previous + hidden dims kept": PREVIOUS + ["--prune-hidden", "no"],
+    "previous + binary final masks": PREVIOUS + ["--final-masks", "binary"],
+    "previous + next-token term": PREVIOUS + ["--ce-weight", "1"],
     "KD (intact teacher)": ["--distill", "kd"],
     "no KD (next-token loss)": ["--distill", "none"],
     "NutePrune, masks only": ["--masks-only"],
@@ -56,9 +63,12 @@ def at_target(run, target, config):
     """A run's masks moved to exactly the target (post hoc, for a comparison at equal size): every log_alpha is
     shifted by one constant, found by bisection, so the ranking the run learned stays and only the number of
     pruned units moves; kept units keep their soft values. The LoRA was trained with the run's own masks."""
-    log_alpha = torch.load(run / "checkpoint.pt", weights_only=False)["log_alpha"]
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    log_alpha, kept = ck["log_alpha"], ck.get("shift")  # kept: the controller's shift, apart from log_alpha
+    binary = json.loads((run / "settings.json").read_text()).get("final_masks") == "binary"
     adapter = load_file(str(run / "adapter.safetensors"))
-    masks = lambda shift: {k: deterministic_z(v, shift) for k, v in log_alpha.items()}
+    masks = lambda shift: {k: deterministic_z(v, shift, binary=binary) for k, v in log_alpha.items()} if kept is None \
+        else {k: deterministic_z(z, order=log_alpha[k], binary=binary) for k, z in shifted(log_alpha, kept + shift).items()}
     if any(not torch.allclose(z, adapter[k].float(), rtol=0, atol=1e-6) for k, z in masks(0.0).items()):
         fail(f"{run}/checkpoint.pt does not hold the masks of its adapter.safetensors")
     lo, hi = -20.0, 20.0  # sparsity falls as the shift grows: keep hi on the side at or below the target

@@ -113,6 +113,28 @@ def test_warmup_as_the_paper():
 SMOLLM2 = ModelConfig()  # the mask shapes of SmolLM2-135M: 30 layers, 9 heads (3 kv), 1536 units, 576 dims
 
 
+def test_a_kept_shift_reaches_the_target_and_leaves_the_spread_of_log_alpha():
+    """write=False (--mask-init taylor): log_alpha untouched, c returned; clamp(log_alpha + c) is at the target
+    even with values far past the clamps, and the deterministic masks drop units in log_alpha's order."""
+    g = torch.Generator().manual_seed(0)
+    log_alpha = {k: torch.rand(shape, generator=g) * 20 for k, shape in masks.mask_shapes(SMOLLM2).items() if k != "z_hid"}
+    before = {k: v.clone() for k, v in log_alpha.items()}
+    for target in (0.0, 0.1, 0.5):
+        c = masks.project_to_target(log_alpha, target, SMOLLM2, write=False)
+        assert all(torch.equal(log_alpha[k], before[k]) for k in log_alpha)
+        s = masks.expected_sparsity(masks.shifted(log_alpha, c), SMOLLM2).item()  # z_hid absent: every dim kept
+        assert s == pytest.approx(target, abs=1e-6) if target else s < 0.01
+    eff = masks.shifted(log_alpha, c)
+    for k in log_alpha:
+        z = masks.deterministic_z(eff[k], order=log_alpha[k], binary=True)
+        assert set(z.unique().tolist()) <= {0.0, 1.0}
+        for row, la in zip(z.reshape(-1, z.shape[-1]), log_alpha[k].reshape(-1, z.shape[-1])):
+            if 0 < row.sum() < len(row):  # every dropped unit has a lower log_alpha than every kept one
+                assert la[row == 0].max() < la[row == 1].min()
+    z = {k: masks.deterministic_z(eff[k], order=log_alpha[k], binary=True) for k in eff}
+    assert masks.mask_sparsity(z, SMOLLM2) == pytest.approx(0.5, abs=0.01)
+
+
 def test_projection_hits_any_target_and_keeps_the_order():
     g = torch.Generator().manual_seed(0)
     log_alpha = {k: (torch.randn(shape, generator=g) * 2).clamp(masks.LOG_ALPHA_MIN, masks.LOG_ALPHA_MAX)

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import baselines
+import data
 import evaluate
 import masks
 import model
@@ -133,8 +134,41 @@ def test_run_follows_the_ramp_and_lands_on_the_target(tiny, tmp_path):
     assert abs(masks.mask_sparsity(adapter, checkpoint.load(str(tiny[0]))[0].config) - 0.3) < 1 / 48
 
 
+def test_default_masks_start_in_taylor_order_keep_hidden_dims_and_end_binary(tiny, tmp_path):
+    """--recipe nute: log_alpha starts from the Taylor ranking (baselines.taylor_log_alpha); with a mask rate too
+    small to reorder anything, the units that go are the least important ones (per layer, every dropped unit
+    scores below every kept one). Hidden dims are not learned (all kept); the kept units are exactly 1."""
+    run(tiny, tmp_path / "r", "--target", "0.3", "--steps", "8", "--lr-mask", "1e-9")
+    adapter = load_file(str(tmp_path / "r" / "adapter.safetensors"))
+    ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    assert set(ck["log_alpha"]) == {"z_head", "z_int"} and ck["shift"] is not None
+    assert torch.equal(adapter["z_hid"], torch.ones_like(adapter["z_hid"]))
+    m, tok = checkpoint.load(str(tiny[0]))
+    blocks = data.training_blocks(tok, 32, str(tiny[1]))
+    args = nute.get_args(["--ckpt", str(tiny[0]), "--batch-size", "2", "--dtype", "fp32"])
+    imp = baselines.taylor_importance(m, baselines.calibration_batches(args, m, blocks))
+    c = m.config
+    for k, size in (("z_head", 2 * c.dim * c.head_dim), ("z_int", 3 * c.dim)):
+        assert set(adapter[k].unique().tolist()) <= {0.0, 1.0}
+        for z, score in zip(adapter[k], imp[k] / size):
+            if 0 < z.sum() < len(z):
+                assert score[z == 0].max() < score[z == 1].min()
+    assert (adapter["z_int"] == 0).sum() > 0  # something was pruned in order
+    assert abs(masks.mask_sparsity(adapter, c) - 0.3) < 0.05
+
+
+def test_paper_recipe_settings(tiny, tmp_path):
+    run(tiny, tmp_path / "p", "--target", "0.3", "--steps", "2", "--recipe", "paper")
+    s = json.loads((tmp_path / "p" / "settings.json").read_text())
+    assert (s["controller"], s["mask_init"], s["prune_hidden"], s["final_masks"], s["ce_weight"], s["layer_norm"]) == \
+        ("lagrangian", "clamp", "yes", "soft", 0.0, "none")
+    assert set(torch.load(tmp_path / "p" / "checkpoint.pt", weights_only=False)["log_alpha"]) == set(masks.MASKS)
+    with pytest.raises(ValueError, match="--mask-init taylor needs --controller project"):
+        nute.get_args(["--controller", "lagrangian", "--mask-init", "taylor", "--ckpt", str(tiny[0])])
+
+
 def test_lagrangian_controller_moves_towards_the_target(tiny, tmp_path):
-    run(tiny, tmp_path / "r", "--target", "0.3", "--steps", "40", "--controller", "lagrangian", "--lr-lambda", "1")
+    run(tiny, tmp_path / "r", "--target", "0.3", "--steps", "40", "--recipe", "paper", "--lr-lambda", "1")
     rows = [json.loads(line) for line in open(tmp_path / "r" / "log.jsonl")]
     assert rows[-1]["lambda1"] < 0 < rows[-1]["lambda2"]  # ascent: lambda1 pushes the sparsity up
     assert rows[-1]["expected_sparsity"] > 0.1 > rows[0]["expected_sparsity"]
