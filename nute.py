@@ -355,7 +355,7 @@ def train(args):
 
 # --recipe: the method's choices; nute's chosen on the validation split (lab/NOTEBOOK.md, "Learned masks")
 RECIPES = {"nute": dict(controller="project", mask_init="taylor", prune_hidden="no", final_masks="binary",
-                        ce_weight=1.0, layer_norm="teacher"),
+                        ce_weight=100.0, layer_norm="teacher"),
            "paper": dict(controller="lagrangian", mask_init="clamp", prune_hidden="yes", final_masks="soft",
                          ce_weight=0.0, layer_norm="none")}
 

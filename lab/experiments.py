@@ -35,7 +35,7 @@ ROWS = {  # name in the table -> nute.py flags (NutePrune is the default: PKD, m
     "previous + Taylor-ordered masks": PREVIOUS + ["--mask-init", "taylor"],
     "previous + hidden dims kept": PREVIOUS + ["--prune-hidden", "no"],
     "previous + binary final masks": PREVIOUS + ["--final-masks", "binary"],
-    "previous + next-token term": PREVIOUS + ["--ce-weight", "1"],
+    "previous + next-token term": PREVIOUS + ["--ce-weight", "100"],
     "KD (intact teacher)": ["--distill", "kd"],
     "no KD (next-token loss)": ["--distill", "none"],
     "NutePrune, masks only": ["--masks-only"],
@@ -65,8 +65,8 @@ def at_target(run, target, config):
     pruned units moves; kept units keep their soft values. The LoRA was trained with the run's own masks."""
     ck = torch.load(run / "checkpoint.pt", weights_only=False)
     log_alpha, kept = ck["log_alpha"], ck.get("shift")  # kept: the controller's shift, apart from log_alpha
-    binary = json.loads((run / "settings.json").read_text()).get("final_masks") == "binary"
     adapter = load_file(str(run / "adapter.safetensors"))
+    binary = all(bool((adapter[k][adapter[k] > 0] == 1).all()) for k in log_alpha)  # --final-masks binary
     masks = lambda shift: {k: deterministic_z(v, shift, binary=binary) for k, v in log_alpha.items()} if kept is None \
         else {k: deterministic_z(z, order=log_alpha[k], binary=binary) for k, z in shifted(log_alpha, kept + shift).items()}
     if any(not torch.allclose(z, adapter[k].float(), rtol=0, atol=1e-6) for k, z in masks(0.0).items()):
