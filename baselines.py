@@ -236,15 +236,18 @@ def baseline_masks(args, model, batches, out):
     return z
 
 
-def taylor_log_alpha(args, model, batches):
+def taylor_log_alpha(args, model, batches, out):
     """nute.py --mask-init taylor (not in the paper): NutePrune's masks start from the Taylor order. Heads and FFN
     units are ranked together by Taylor importance per weight on the calibration batches (the order --method
     taylor drops them in); rank r in [0, 1] (0: least important) gives log_alpha = --init-spread * r. The
     controller's common shift (kept apart from log_alpha) then removes units in this order unless the task gradient
     reorders them; a unit further than the clamps' span (log 100 - log 0.01 = 9.2) from the threshold has no
-    gradient and keeps its place. -> {"z_head": [L, H], "z_int": [L, F]}"""
-    c, imp = model.config, taylor_importance(model, calibration_batches(args, model, batches))
+    gradient and keeps its place. What it cost goes to out/masks.json. -> {"z_head": [L, H], "z_int": [L, F]}"""
+    t0, c, imp = time.time(), model.config, taylor_importance(model, calibration_batches(args, model, batches))
     score = torch.cat([imp["z_head"].flatten() / (2 * c.dim * c.head_dim), imp["z_int"].flatten() / (3 * c.dim)])
     rank = score.argsort(stable=True).argsort().float() / (len(score) - 1)
     theta, n = args.init_spread * rank, imp["z_head"].numel()
+    if args.rank == 0:
+        (Path(out) / "masks.json").write_text(json.dumps({"method": "taylor order", "seconds": time.time() - t0,
+                                                          "peak_mb": peak_mb(model.tok_embeddings.weight.device)}))
     return {"z_head": theta[:n].view_as(imp["z_head"]), "z_int": theta[n:].view_as(imp["z_int"])}

@@ -308,7 +308,7 @@ def train(args):
     fixed = baselines.baseline_masks(args, model, batches, out) if args.method != "nuteprune" else {}
     prior = None  # a resumed run's log_alpha come from its checkpoint
     if args.method == "nuteprune" and not args.run and args.mask_init == "taylor" and not (out / "checkpoint.pt").exists():
-        prior = baselines.taylor_log_alpha(args, model, batches)
+        prior = baselines.taylor_log_alpha(args, model, batches, out)
     state = start(args, model, fixed, prior)
     if args.fsdp:
         shard(model, args.device, args.world)

@@ -155,6 +155,8 @@ def test_default_masks_start_in_taylor_order_keep_hidden_dims_and_end_binary(tin
                 assert score[z == 0].max() < score[z == 1].min()
     assert (adapter["z_int"] == 0).sum() > 0  # something was pruned in order
     assert abs(masks.mask_sparsity(adapter, c) - 0.3) < 0.05
+    cost = json.loads((tmp_path / "r" / "masks.json").read_text())  # what ranking the units cost, for the tables
+    assert cost["method"] == "taylor order" and cost["seconds"] > 0
 
 
 def test_paper_recipe_settings(tiny, tmp_path):
