@@ -25,7 +25,7 @@ from tqdm import tqdm
 import baselines
 import data
 import evaluate
-from formats import hub
+from formats import hub, svg
 from formats.checkpoint import (LoadError, check_device, check_finite, check_run_folder, load, load_adapter,
                                 load_run_state, open_run, save, save_adapter, save_gguf, save_run_state)
 from formats.layout import pad_model
@@ -170,9 +170,8 @@ class State:
 
 
 def start(args, model, fixed=None, prior=None):
-    """A new run's state. The masks are learned (NutePrune; log_alpha from `prior` where given), a pruning run's
-    (--run) or a baseline's (`fixed`); the last two stay fixed while LoRA trains. AdamW for each group that learns
-    (with `--controller lagrangian` the lambdas too, by ascent: Eq. 11 is maximized over them); no teachers yet."""
+    """A new run's state: masks learned (log_alpha from `prior` where given) or fixed (--run's, a baseline's `fixed`)
+    while LoRA trains; AdamW for each group that learns (the lambdas by ascent: Eq. 11 is maximized); no teachers."""
     gen = torch.Generator().manual_seed(args.seed)
     targets, device = args.lora_targets.split(","), model.tok_embeddings.weight.device
     log_alpha, fixed = {}, fixed or {}
@@ -287,7 +286,7 @@ def train_step(step, model, batches, state, args):
             **({"lagrangian": lag.item(), "lambda1": lambdas[0].item(), "lambda2": lambdas[1].item()} if "lambda" in opts else {}),
             "teacher": None if distill == "none" else ("intact" if key is None else key * args.interval),
             "lr_lora": lr_lora, "tokens_per_s": x.numel() * args.grad_accum / (time.time() - t0),
-            "memory_mb": peak_mb(device)}
+            "memory_mb": peak_mb(device), "stage2": queue.stage2_start is not None}
 
 
 def train(args):
@@ -334,6 +333,7 @@ def train(args):
             if ((step + 1) % args.save_every == 0 or step + 1 == args.steps) and args.rank == 0:
                 log.flush()
                 save_checkpoint(out, run_id, step + 1, state)
+                svg.draw(out)  # training.svg so far
             if args.stop_after and step + 1 - first >= args.stop_after:
                 return None  # a deliberate stop, like a kill: what was not checkpointed is lost
 
@@ -345,6 +345,7 @@ def train(args):
         return None
     save_adapter(adapter, out)
     (out / "structure.md").write_text(structure_table(adapter, model.config))
+    svg.draw(out)  # structure.svg (and training.svg: a run of 0 steps has no checkpoint)
     adapter["lora_scale"] = float(adapter["lora_scale"])
     return model, tok, {k: v.to(model.tok_embeddings.weight.device) if torch.is_tensor(v) else v
                         for k, v in adapter.items()}
@@ -473,8 +474,7 @@ def main(argv=None):
     if result is None:
         print(f"stopped after {args.stop_after} steps; continue with --resume")
         return
-    model, tok, adapter = result
-    out = Path(args.out)
+    (model, tok, adapter), out = result, Path(args.out)
     dtype = DTYPES[args.export_dtype or args.dtype]
     # zero units (exact) for faster shapes: the GQA layout, 16-bit widths in 32s (NOTEBOOK, "Pruned vs dense decoding")
     small = pad_model(slice_model(model, adapter), 1 if dtype == torch.float32 else 32).to(dtype)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 import data
 import evaluate
+from formats import svg
 from formats.checkpoint import load, save_adapter
 from masks import deterministic_z, mask_sparsity, shifted
 
@@ -168,6 +169,13 @@ def make_jobs(args):
     return jobs
 
 
+def task_average(row):
+    """The 7-task average accuracy (%) of a row, or None when not every task was scored."""
+    tasks = row["tasks"]
+    return statistics.mean(tasks[t][m] * 100 for t, (_, m) in evaluate.COLUMNS.items()) \
+        if len(tasks) == len(evaluate.COLUMNS) else None
+
+
 def seed_spread(rows):
     """Markdown: mean and standard deviation over the seeds of every row that ran with more than one."""
     groups = {}
@@ -177,8 +185,7 @@ def seed_spread(rows):
     lines = ["| ratio | row | seeds | perplexity | average accuracy |", "|---|---|---|---|---|"]
     for (ratio, name), rs in groups.items():
         ppl = [r["ppl"] for r in rs]
-        avg = [statistics.mean(t[m] * 100 for t_name, t in r["tasks"].items() for c, m in [evaluate.COLUMNS[t_name]])
-               for r in rs if len(r["tasks"]) == len(evaluate.COLUMNS)]
+        avg = [a for a in map(task_average, rs) if a is not None]
         sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
         cell = lambda v: f"{statistics.mean(v):.2f} +- {sd(v):.2f}" if v else "-"
         lines.append(f"| {ratio} | {name} | {len(rs)} | {cell(ppl)} | {cell(avg)} |")
@@ -262,6 +269,8 @@ def main():
     for job in jobs:
         rows.append(run_job(job, args, common, scoring, base, valid))
         (out / "table.md").write_text(report(rows, args, heldout))
+        points = [(j[0].split(", seed ")[0], j[3], r["ppl"], task_average(r)) for j, r in zip(jobs, rows) if j[3] is not None]
+        (out / "comparison.svg").write_text(svg.comparison_svg(points, (rows[0]["ppl"], task_average(rows[0]))))
         print(f"{job[2]} {job[0]}: done", flush=True)
     teachers_md = out / "teachers.md"  # why PKD does (not) beat KD: how good were its teachers?
     if not teachers_md.exists():

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 
 import pytest
 import torch
@@ -47,6 +48,11 @@ def test_experiments_smoke(tmp_path):
         assert row.split(" | ")[2] == f"{cost['seconds'] / 60:.1f}" and row.split(" | ")[4] != "-"  # minutes, peak MB
         valid = json.loads((res / f"{m}-+-LoRA-30-valid.json").read_text())["results"][0]["ppl"]  # the validation text
         assert row.split(" | ")[1] == f"{valid:.2f}" and json.loads((res / f"{m}-+-LoRA-30.json").read_text())["valid_ppl"] == valid
+    # comparison.svg: a point per row (--tasks none: perplexity only), its title the row's perplexity
+    titles = [c.find("{http://www.w3.org/2000/svg}title").text
+              for c in ET.parse(res / "comparison.svg").getroot().iter("{http://www.w3.org/2000/svg}circle")]
+    ppl = [(f, json.loads(f.read_text())["results"][0]["ppl"]) for f in sorted(res.glob("*-30*.json")) if "valid" not in f.name]
+    assert len(titles) == len(ppl) and sorted(float(t.split(": ")[1]) for t in titles) == sorted(round(p, 2) for _, p in ppl)
     # a second call finds every row done and trains nothing
     r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "prune" not in r.stderr

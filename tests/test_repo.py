@@ -13,7 +13,7 @@ from conftest import ROOT
 
 # Every Python file outside tests/, in an order without circles: a file imports only files above it.
 ORDER = ["kernels", "masks", "data", "model",
-         "formats/__init__", "formats/gguf", "formats/tokenizer", "formats/hub", "formats/layout", "formats/checkpoint",
+         "formats/__init__", "formats/gguf", "formats/tokenizer", "formats/hub", "formats/layout", "formats/svg", "formats/checkpoint",
          "evaluate", "baselines", "nute",
          "lab/__init__", "lab/experiments", "lab/bench", "lab/versus"]
 CORE = {"kernels", "masks", "data", "model", "evaluate", "baselines", "nute"}
@@ -89,7 +89,7 @@ def test_the_lab_uses_only_public_names_of_the_core():
             assert attr in public, f"{name}.py uses {dep}.{attr}, not a public name of {dep}.py"
 
 
-@pytest.mark.parametrize("command", ["nute.py", "evaluate.py", "data.py", "-m formats.checkpoint", "-m lab.bench",
+@pytest.mark.parametrize("command", ["nute.py", "evaluate.py", "data.py", "-m formats.checkpoint", "-m formats.svg", "-m lab.bench",
                                      "-m lab.versus", "-m lab.experiments"])
 def test_every_command_prints_its_help(command):
     r = subprocess.run([sys.executable, *command.split(), "--help"], cwd=ROOT, capture_output=True, text=True)
