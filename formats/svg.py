@@ -70,7 +70,7 @@ class Axes:
                     f'stroke="#ddd"/>', text(self.left - 6, self.y(v) + 4, f"{v:g}", "end")]
         for i, v in enumerate(xticks):
             out.append(text(self.x(v), self.top + self.h + 14, xnames[i] if xnames else f"{v:g}", "middle"))
-        cx, cy = self.left - 42, self.top + self.h / 2
+        cx, cy = self.left - 54, self.top + self.h / 2
         return out + [text(self.left + self.w / 2, self.top + self.h + 30, xlabel, "middle"),
                       text(cx, cy, ylabel, "middle", transform=f"rotate(-90 {cx:.1f} {cy:.1f})")]
 
@@ -112,7 +112,7 @@ def structure_svg(runs):
     if len(sizes) > 1:
         raise ValueError(f"the runs prune different models (layers, heads, FFN units: {sorted(sizes)})")
     slot = max(16, 5 * n + 6)  # pixels a layer
-    w, h, left = layers * slot, 150, 70
+    w, h, left = layers * slot, 150, 80
     top = 40 + 16 * n  # under the legend
     body = [text(left, 20, "Kept per layer (bars) of the layer's full size (grey)", font_size=13)]
     body += legend(left, 40, [(COLORS[i % len(COLORS)], f"{r['name']}: target {r['target']:.2f}, sparsity "
@@ -151,7 +151,7 @@ def read_log(run):
 def training_svg(rows, name=""):
     """log.jsonl rows -> SVG: the sparsity panel (ramped target dashed, Eq. 3's expected sparsity), the loss panel
     (log axis); stage 2's start a vertical line, a change of teacher a tick on top, a skipped step a red cross."""
-    w, h, left = 640, 180, 70
+    w, h, left = 640, 180, 80
     last = max([r["step"] for r in rows] + [1])
     body = [text(left, 20, f"{name}: {len(rows)} steps" if name else f"{len(rows)} steps", font_size=13)]
     top = max([r["target"] for r in rows] + [r["expected_sparsity"] for r in rows] + [0.1])
@@ -198,7 +198,7 @@ def comparison_svg(points, dense):
     (perplexity, average or None) -> SVG: perplexity (log axis) and the average against the ratio, dense a line."""
     methods = list(dict.fromkeys(m for m, *_ in points))
     ratios = sorted({r for _, r, *_ in points})
-    w, h, left = 300, 260, 70
+    w, h, left = 300, 260, 80
     body = [text(left, 20, "Held-out perplexity and 7-task average against the ratio pruned", font_size=13)]
     for col, label in enumerate(["held-out perplexity", "7-task average accuracy"]):
         values = [p[2 + col] for p in points if p[2 + col] is not None] + [dense[col]] * (dense[col] is not None)
