@@ -431,7 +431,7 @@ def load_run_state(out, run_id, device, trim_log=True):
     state = None
     if path.exists():
         try:
-            state = torch.load(path, map_location=device, weights_only=False)
+            state = torch.load(path, map_location=device, weights_only=True)
         except Exception as e:  # torn or foreign: torch raises several types
             raise LoadError(f"{path}: cannot be read ({type(e).__name__}); delete it to restart the run") from None
         if not isinstance(state, dict) or state.get("run_id") != run_id:

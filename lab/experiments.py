@@ -64,7 +64,7 @@ def at_target(run, target, config):
     """A run's masks moved to exactly the target (post hoc, for a comparison at equal size): every log_alpha is
     shifted by one constant, found by bisection, so the ranking the run learned stays and only the number of
     pruned units moves; kept units keep their soft values. The LoRA was trained with the run's own masks."""
-    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
     log_alpha, kept = ck["log_alpha"], ck.get("shift")  # kept: the controller's shift, apart from log_alpha
     adapter = load_file(str(run / "adapter.safetensors"))
     binary = all(bool((adapter[k][adapter[k] > 0] == 1).all()) for k in log_alpha)  # --final-masks binary
@@ -82,7 +82,7 @@ def at_target(run, target, config):
 def teachers(run, model, ids, every=10):
     """Markdown: held-out perplexity of the teacher snapshots a PKD run collected (every `every`-th and the
     last), with the step each was taken at: how strong the teachers of the numerous-teacher schedule were."""
-    snaps = torch.load(run / "checkpoint.pt", weights_only=False)["queue"]["snapshots"]
+    snaps = torch.load(run / "checkpoint.pt", weights_only=True)["queue"]["snapshots"]
     log = [json.loads(line) for line in open(run / "log.jsonl")]
     lines = ["| snapshot at sparsity | taken at step | held-out perplexity |", "|---|---|---|"]
     for k in sorted({*sorted(snaps)[every - 1::every], *sorted(snaps)[-1:]}):

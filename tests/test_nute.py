@@ -140,7 +140,7 @@ def test_default_masks_start_in_taylor_order_keep_hidden_dims_and_end_binary(tin
     scores below every kept one). Hidden dims are not learned (all kept); the kept units are exactly 1."""
     run(tiny, tmp_path / "r", "--target", "0.3", "--steps", "8", "--lr-mask", "1e-9")
     adapter = load_file(str(tmp_path / "r" / "adapter.safetensors"))
-    ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert set(ck["log_alpha"]) == {"z_head", "z_int"} and ck["shift"] is not None
     assert torch.equal(adapter["z_hid"], torch.ones_like(adapter["z_hid"]))
     m, tok = checkpoint.load(str(tiny[0]))
@@ -164,7 +164,7 @@ def test_paper_recipe_settings(tiny, tmp_path):
     s = json.loads((tmp_path / "p" / "settings.json").read_text())
     assert (s["controller"], s["mask_init"], s["prune_hidden"], s["final_masks"], s["ce_weight"], s["layer_norm"]) == \
         ("lagrangian", "clamp", "yes", "soft", 0.0, "none")
-    assert set(torch.load(tmp_path / "p" / "checkpoint.pt", weights_only=False)["log_alpha"]) == set(masks.MASKS)
+    assert set(torch.load(tmp_path / "p" / "checkpoint.pt", weights_only=True)["log_alpha"]) == set(masks.MASKS)
     with pytest.raises(ValueError, match="--mask-init taylor needs --controller project"):
         nute.get_args(["--controller", "lagrangian", "--mask-init", "taylor", "--ckpt", str(tiny[0])])
 
@@ -283,7 +283,7 @@ def test_grad_accum_equals_one_big_batch(tiny, tmp_path):
     common = ["--target", "0.3", "--steps", "6", "--layer-norm", "none"]
     run(tiny, tmp_path / "a", *common, "--batch-size", "2")
     run(tiny, tmp_path / "b", *common, "--batch-size", "1", "--grad-accum", "2")
-    a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=False) for r in "ab")
+    a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=True) for r in "ab")
     for group in ("log_alpha", "lora"):
         for k in a[group]:
             # fp32: a batch of 2 and two of 1 round differently, and Adam scales a near-zero gradient's
@@ -304,14 +304,14 @@ def test_torchrun_ddp_and_fsdp_equal_one_process(tiny, tmp_path):
     common = ["--ckpt", tiny[0], "--data", tiny[1], "--seq-len", "32", "--batch-size", "1", "--dtype", "fp32",
               "--no-eval", "--lr-lora", "1e-2", "--target", "0.3", "--steps", "6", "--save-every", "3"]
     run(tiny, tmp_path / "one", *common[4 + 6:], "--batch-size", "1", "--grad-accum", "2")
-    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
+    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
     for name, extra in (("ddp", []), ("fsdp", ["--fsdp"]), ("ddp-killed", ["--stop-after", "4"])):
         r = torchrun(2, *common, "--out", tmp_path / name, *extra)
         assert r.returncode == 0, r.stderr[-3000:]
     r = torchrun(2, *common, "--out", tmp_path / "ddp-killed", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("ddp", "fsdp", "ddp-killed"):
-        ck = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)
+        ck = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
         for group in ("log_alpha", "lora"):
             for k in one[group]:
                 torch.testing.assert_close(ck[group][k], one[group][k], rtol=0, atol=3e-4, msg=f"{name} {k}")
@@ -421,6 +421,15 @@ def test_a_run_folder_belongs_to_its_run(tiny, tmp_path):
                  "--dtype", "fp32", "--no-eval", "--lr-lora", "1e-2", *common, "--resume")
     assert r.returncode == 2 and "checkpoint.pt: cannot be read" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    marker = tmp_path / "marker"
+
+    class Payload:  # a pickle that, loaded with weights_only=False, would create the marker file
+        def __reduce__(self):
+            return open, (str(marker), "w")
+    torch.save({"run_id": "x", "step": 3, "payload": Payload()}, tmp_path / "b" / "checkpoint.pt")
+    r = nute_cli("--ckpt", tiny[0], "--data", tiny[1], "--out", tmp_path / "b", "--seq-len", 32, "--batch-size", 2,
+                 "--dtype", "fp32", "--no-eval", "--lr-lora", "1e-2", *common, "--resume")
+    assert r.returncode == 2 and "checkpoint.pt: cannot be read" in r.stderr and not marker.exists(), r.stderr
 
 
 def test_non_finite_gradients_skip_the_step(tiny, tmp_path, monkeypatch):
@@ -449,7 +458,7 @@ def test_a_diverged_run_stops_and_writes_nothing_non_finite(tiny, tmp_path, monk
     with pytest.raises(nute.Diverged, match=f"steps 3-{2 + nute.MAX_SKIPPED}: .* {nute.MAX_SKIPPED} times in a row"):
         nute.main(list(map(str, argv)))
     assert not (tmp_path / "r" / "adapter.safetensors").exists() and not (tmp_path / "r" / "model").exists()
-    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["lora"].values())
     with pytest.raises(ValueError, match="NaN or inf"):
         checkpoint.save_adapter({"z_hid": torch.tensor([1.0, float("nan")])}, tmp_path / "r")
