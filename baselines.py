@@ -211,28 +211,42 @@ def calibration_batches(args, model, batches):
     return list(batches[0][:CALIBRATION].to(model.tok_embeddings.weight.device).split(args.batch_size))
 
 
+def read_masks(path, config):
+    """A masks.safetensors, checked before anything uses or copies it -> {"z_head", "z_int", "z_hid"}."""
+    try:
+        z = load_file(str(path))
+    except Exception:  # torn, or not safetensors at all: the library raises its own type
+        raise ValueError(f"{path}: not a safetensors file of masks") from None
+    if {k: tuple(v.shape) for k, v in z.items()} != mask_shapes(config):
+        raise ValueError(f"{path}: not the masks of this model (shapes {mask_shapes(config)})")
+    if not all(((v >= 0) & (v <= 1)).all() for v in z.values()) or not (z["z_hid"] > 0).any():
+        raise ValueError(f"{path}: masks are numbers in [0, 1] that keep at least one hidden dim")
+    return z
+
+
 def baseline_masks(args, model, batches, out):
     """--method magnitude / taylor / bonsai: the masks, chosen once before training (calibration: the first
     CALIBRATION training sequences) and kept in out/masks.safetensors, so a resumed run reuses them."""
     path = Path(out) / "masks.safetensors"
-    if args.masks and not path.exists():  # chosen by an earlier run: kept here with what choosing cost
-        shutil.copy(args.masks, path)
+    if path.exists():  # chosen before this run was interrupted
+        return read_masks(path, model.config)
+    device, t0 = model.tok_embeddings.weight.device, time.time()
+    if args.masks:  # chosen by an earlier run: kept here with what choosing cost
+        z = read_masks(args.masks, model.config)
         if os.path.exists(cost := os.path.join(os.path.dirname(args.masks), "masks.json")):
             shutil.copy(cost, Path(out) / "masks.json")
-    if path.exists():
-        z = load_file(str(path))
-        if {k: tuple(v.shape) for k, v in z.items()} != mask_shapes(model.config):
-            raise ValueError(f"{args.masks or path}: not the masks of this model (shapes {mask_shapes(model.config)})")
-        return z
-    device, t0 = model.tok_embeddings.weight.device, time.time()
-    calibration = calibration_batches(args, model, batches)
-    z = {"magnitude": lambda: magnitude_masks(model, args.target),
-         "taylor": lambda: taylor_masks(model, calibration, args.target),
-         "bonsai": lambda: bonsai_masks(model, calibration, args.target, args.bonsai_samples, seed=args.seed),
-         }[args.method]()
-    if args.rank == 0:  # what choosing them cost: Bonsai's promise is the memory of inference
-        (Path(out) / "masks.json").write_text(json.dumps({"method": args.method, "seconds": time.time() - t0, "peak_mb": peak_mb(device)}))
-        save_file(z, str(path))
+    else:
+        calibration = calibration_batches(args, model, batches)
+        z = {"magnitude": lambda: magnitude_masks(model, args.target),
+             "taylor": lambda: taylor_masks(model, calibration, args.target),
+             "bonsai": lambda: bonsai_masks(model, calibration, args.target, args.bonsai_samples, seed=args.seed),
+             }[args.method]()
+        if args.rank == 0:  # what choosing them cost: Bonsai's promise is the memory of inference
+            (Path(out) / "masks.json").write_text(json.dumps({"method": args.method, "seconds": time.time() - t0,
+                                                              "peak_mb": peak_mb(device)}))
+    if args.rank == 0:
+        save_file(z, str(path.with_suffix(".tmp")))
+        os.replace(path.with_suffix(".tmp"), path)  # a kill mid-write leaves no torn masks behind
     return z
 
 

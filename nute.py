@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +27,8 @@ import baselines
 import data
 import evaluate
 from formats import hub, svg
-from formats.checkpoint import (LoadError, check_device, check_finite, check_run_folder, load, load_adapter,
-                                load_run_state, open_run, save, save_adapter, save_gguf, save_run_state)
+from formats.checkpoint import LoadError, check_device, check_finite, load, load_adapter, save, save_adapter, save_gguf
+from formats.run import check_run_folder, load_run_state, open_run, save_run_state
 from formats.layout import pad_model
 from kernels import TemperedKL, average_over_ranks, full_state, init_distributed, peak_mb, shard
 from masks import (LOG_ALPHA_MAX, LOG_ALPHA_MIN, MASKS, deterministic_z, expected_sparsity, init_log_alpha, lagrangian,
@@ -101,9 +102,9 @@ class TeacherQueue:
 
 def distill_loss(logits_s, logits_t, hidden_s, hidden_t, z_hid, temperature, layer_norm="none"):
     """Eq. 5: KL(teacher || student) at temperature T, summed over tokens, averaged over the batch. Eq. 6: sum over
-    the states of forward(return_hidden=True) (HF's hidden_states[1:]) of their MSE over the kept hidden dims, each
-    cast to fp16 as the reference does (past 65504 it is inf: the step is skipped). layer_norm="teacher" (not in the
-    reference) divides each by the teacher's mean square there (lab/NOTEBOOK.md, "The losses")."""
+    the states of forward(return_hidden=True) (HF's hidden_states[1:]) of their MSE over the kept hidden dims, in fp16
+    as the reference (past 65504 it is inf: the step is skipped); layer_norm="teacher" (ours) divides each by the
+    teacher's mean square there (lab/NOTEBOOK.md, "The losses")."""
     kl = TemperedKL.apply(logits_s, logits_t, temperature)
     kept, layer = z_hid > 0, torch.zeros((), device=logits_s.device)
     for hs, ht in zip(hidden_s, hidden_t):
@@ -195,11 +196,9 @@ def start(args, model, fixed=None, prior=None):
     student = Student(log_alpha, lora, args.lora_alpha / args.lora_rank, fixed, shift, args.final_masks == "binary")
     lambdas = torch.zeros(2, device=device, requires_grad=True)
     adamw = lambda params, lr, **kw: torch.optim.AdamW(params, lr=lr, weight_decay=0, **kw)
-    opts = {}
-    if student.log_alpha:
-        opts["mask"] = adamw(student.log_alpha.values(), args.lr_mask)
-        if args.controller == "lagrangian":
-            opts["lambda"] = adamw([lambdas], args.lr_lambda, maximize=True)
+    opts = {"mask": adamw(student.log_alpha.values(), args.lr_mask)} if student.log_alpha else {}
+    if student.log_alpha and args.controller == "lagrangian":
+        opts["lambda"] = adamw([lambdas], args.lr_lambda, maximize=True)
     if student.lora:
         opts["lora"] = adamw(student.lora.values(), args.lr_lora)
     return State(student, lambdas, opts, TeacherQueue(args.target, args.interval, args.gap), gen)
@@ -289,6 +288,33 @@ def train_step(step, model, batches, state, args):
             "memory_mb": peak_mb(device), "stage2": queue.stage2_start is not None}
 
 
+def steps(model, batches, state, args, out, run_id, first):
+    """The loop: a row a step appended to log.jsonl (one write: a crash tears at most the last line), an atomic checkpoint
+    every save_every steps (all a resume needs); a non-finite step changes nothing. -> False: --stop-after ended it."""
+    skipped = in_a_row = 0
+    model.compile_blocks = args.compile  # for the training steps only: evaluation and decoding stay eager
+    with open(out / "log.jsonl" if args.rank == 0 else os.devnull, "a") as log:
+        bar = tqdm(range(first, args.steps), initial=first, total=args.steps, disable=args.rank > 0,
+                   desc="prune" if state.student.log_alpha else "tune")
+        for step in bar:
+            row = train_step(step, model, batches, state, args)
+            log.write(json.dumps(row) + "\n")
+            skipped, in_a_row = skipped + row["skipped"], (in_a_row + 1) * row["skipped"]
+            if in_a_row == MAX_SKIPPED:
+                raise Diverged(f"steps {step + 2 - in_a_row}-{step + 1}: NaN or inf loss or gradients {in_a_row} times in a row "
+                               f"(learning rate too high? fp16 overflow?); {out / 'checkpoint.pt'} is kept as it was")
+            bar.set_postfix(sparsity=f"{row['expected_sparsity']:.3f}", target=f"{row['target']:.3f}", **{
+                k: f"{row[k]:.3g}" for k in ("kl", "layer", "ce") if row[k]}, **({"skipped": skipped} if skipped else {}))
+            if ((step + 1) % args.save_every == 0 or step + 1 == args.steps) and args.rank == 0:
+                log.flush()
+                save_checkpoint(out, run_id, step + 1, state)
+                svg.draw(out)  # training.svg so far
+            if args.stop_after and step + 1 - first >= args.stop_after:
+                return False  # a deliberate stop, like a kill: what was not checkpointed is lost
+    model.compile_blocks = False
+    return True
+
+
 def train(args):
     """The whole run -> (model, tokenizer, adapter), or None when --stop-after ended it early."""
     args.device = init_distributed(args.device, args.world)
@@ -300,52 +326,27 @@ def train(args):
     model.grad_checkpoint = args.grad_checkpoint
     batches = data.training_blocks(tok, args.seq_len, args.data, args.finetune, args.blocks)  # tokens, loss mask
     settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
-    out, run_id = open_run(args.out, settings, args.resume) if args.rank == 0 else (Path(args.out), None)
-    if args.world > 1:  # the other ranks learn the run id (and wait for rank 0's checks)
-        dist.broadcast_object_list(box := [run_id])
-        run_id = box[0]
-    fixed = baselines.baseline_masks(args, model, batches, out) if args.method != "nuteprune" else {}
-    prior = None  # a resumed run's log_alpha come from its checkpoint
-    if args.method == "nuteprune" and not args.run and args.mask_init == "taylor" and not (out / "checkpoint.pt").exists():
-        prior = baselines.taylor_log_alpha(args, model, batches, out)
-    state = start(args, model, fixed, prior)
-    if args.fsdp:
-        shard(model, args.device, args.world)
-    first = restore_checkpoint(out, run_id, state) if args.resume else 0
-
-    # The loop. Every step appends a row to log.jsonl (one write: a crash tears at most the last line); every
-    # save_every steps an atomic checkpoint holds all the state a resume needs. A non-finite step changes nothing.
-    skipped = in_a_row = 0
-    model.compile_blocks = args.compile  # for the training steps only: evaluation and decoding stay eager
-    with open(out / "log.jsonl" if args.rank == 0 else os.devnull, "a") as log:
-        bar = tqdm(range(first, args.steps), initial=first, total=args.steps, disable=args.rank > 0,
-                   desc="prune" if state.student.log_alpha else "tune")
-        for step in bar:
-            row = train_step(step, model, batches, state, args)
-            log.write(json.dumps(row) + "\n")
-            skipped, in_a_row = skipped + row["skipped"], (in_a_row + 1) * row["skipped"]
-            if in_a_row == MAX_SKIPPED:
-                raise Diverged(f"steps {step + 2 - in_a_row}-{step + 1}: the loss or its gradients were NaN or inf "
-                               f"{in_a_row} times in a row (learning rate too high? fp16 overflow?); the last "
-                               f"checkpoint ({out / 'checkpoint.pt'}) is kept as it was")
-            bar.set_postfix(sparsity=f"{row['expected_sparsity']:.3f}", target=f"{row['target']:.3f}", **{
-                k: f"{row[k]:.3g}" for k in ("kl", "layer", "ce") if row[k]}, **({"skipped": skipped} if skipped else {}))
-            if ((step + 1) % args.save_every == 0 or step + 1 == args.steps) and args.rank == 0:
-                log.flush()
-                save_checkpoint(out, run_id, step + 1, state)
-                svg.draw(out)  # training.svg so far
-            if args.stop_after and step + 1 - first >= args.stop_after:
-                return None  # a deliberate stop, like a kill: what was not checkpointed is lost
-
-    model.compile_blocks = False
-    if args.fsdp:
-        model = build(model.config, full_state(model))
-    adapter = state.student.frozen()
-    if args.rank > 0:
-        return None
-    save_adapter(adapter, out)
-    (out / "structure.md").write_text(structure_table(adapter, model.config))
-    svg.draw(out)  # structure.svg (and training.svg: a run of 0 steps has no checkpoint)
+    folder = open_run(args.out, settings, args.resume) if args.rank == 0 else nullcontext((Path(args.out), None))
+    with folder as (out, run_id):  # locked to the end: one process writes a run folder at a time
+        if args.world > 1:  # the other ranks learn the run id (and wait for rank 0's checks)
+            dist.broadcast_object_list(box := [run_id])
+            run_id = box[0]
+        fixed = baselines.baseline_masks(args, model, batches, out) if args.method != "nuteprune" else {}
+        new = args.method == "nuteprune" and not args.run and not (out / "checkpoint.pt").exists()  # else: checkpoint's
+        prior = baselines.taylor_log_alpha(args, model, batches, out) if new and args.mask_init == "taylor" else None
+        state = start(args, model, fixed, prior)
+        if args.fsdp:
+            shard(model, args.device, args.world)
+        first = restore_checkpoint(out, run_id, state) if args.resume else 0
+        if not steps(model, batches, state, args, out, run_id, first):
+            return None
+        model = build(model.config, full_state(model)) if args.fsdp else model
+        adapter = state.student.frozen()
+        if args.rank > 0:
+            return None
+        save_adapter(adapter, out)
+        (out / "structure.md").write_text(structure_table(adapter, model.config))
+        svg.draw(out)  # structure.svg (and training.svg: a run of 0 steps has no checkpoint)
     adapter["lora_scale"] = float(adapter["lora_scale"])
     return model, tok, {k: v.to(model.tok_embeddings.weight.device) if torch.is_tensor(v) else v
                         for k, v in adapter.items()}
@@ -469,10 +470,9 @@ def check_args(args):
 def main(argv=None):
     args = get_args(argv)
     result = train(args)
-    if args.rank > 0:  # torchrun: rank 0 exports and reports
-        return
-    if result is None:
-        print(f"stopped after {args.stop_after} steps; continue with --resume")
+    if result is None:  # --stop-after, or a torchrun rank other than 0 (rank 0 exports and reports)
+        if args.rank == 0:
+            print(f"stopped after {args.stop_after} steps; continue with --resume")
         return
     (model, tok, adapter), out = result, Path(args.out)
     dtype = DTYPES[args.export_dtype or args.dtype]

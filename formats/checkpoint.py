@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import sys
-import uuid
 from pathlib import Path
 
 import torch
@@ -380,81 +379,6 @@ def check_finite(tensors, where):
 
 
 # ----------------------------------------------------------------------------------------------------
-# A run folder: settings.json, log.jsonl, checkpoint.pt (everything a resume needs), adapter.safetensors
-
-def check_run_folder(out, resume):
-    """Cheap checks before anything is loaded; writes nothing -> the saved settings of the run to resume.
-    A folder belongs to the run whose settings.json (its settings and run id) is in it: a new run needs a
-    missing or empty folder, so a finished or foreign run is never overwritten."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: a file, not a folder")
-    if resume:
-        try:
-            return json.loads((out / "settings.json").read_text())
-        except FileNotFoundError:
-            raise ValueError(f"--resume: {out} holds no run (no settings.json)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"--resume: {out / 'settings.json'} is corrupt") from None
-    if out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"--out {out} is not empty: add --resume to continue its run, or choose another --out")
-    parent = next(p for p in out.absolute().parents if p.exists())  # the folder mkdir would write into
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: cannot create it in {parent}")
-
-
-def open_run(out, settings, resume):
-    """Checks the folder (above) and that a resumed run has the same settings; records them with a new
-    run id for a new run -> (folder, run id)."""
-    out, saved = Path(out), check_run_folder(out, resume)
-    if resume:
-        diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in settings.items() if saved.get(k) != v]
-        if diff:
-            raise ValueError(f"--resume: {out} was run with other settings: " + ", ".join(diff))
-        return out, saved.get("run_id")  # None for a run made before run ids
-    out.mkdir(parents=True, exist_ok=True)
-    run_id = uuid.uuid4().hex
-    (out / "settings.json").write_text(json.dumps({**settings, "run_id": run_id}, indent=1))
-    return out, run_id
-
-
-def save_run_state(out, state):
-    tmp = Path(out) / "checkpoint.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, Path(out) / "checkpoint.pt")  # a kill mid-write leaves the previous checkpoint intact
-
-
-def load_run_state(out, run_id, device, trim_log=True):
-    """-> the saved training state, or None when the run died before its first checkpoint. The log keeps
-    the rows up to the checkpoint's step (a resume redoes the rest); a line torn by a crash is dropped."""
-    path, log = Path(out) / "checkpoint.pt", Path(out) / "log.jsonl"
-    state = None
-    if path.exists():
-        try:
-            state = torch.load(path, map_location=device, weights_only=True)
-        except Exception as e:  # torn or foreign: torch raises several types
-            raise LoadError(f"{path}: cannot be read ({type(e).__name__}); delete it to restart the run") from None
-        if not isinstance(state, dict) or state.get("run_id") != run_id:
-            raise LoadError(f"{path}: belongs to another run than {Path(out) / 'settings.json'}")
-    if not trim_log:
-        return state
-    rows, keep = log.read_text().splitlines() if log.exists() else [], []
-    for i, row in enumerate(rows):
-        try:
-            step = json.loads(row)["step"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            if i < len(rows) - 1:  # only the last line can be torn by a crash mid-write; it is dropped
-                raise LoadError(f"{log}: line {i + 1} is corrupt") from None
-            continue
-        if state and step <= state["step"]:
-            keep.append(row)
-    tmp = log.with_suffix(".tmp")
-    tmp.write_text("".join(r + "\n" for r in keep))
-    os.replace(tmp, log)
-    return state
-
-
-# ----------------------------------------------------------------------------------------------------
 # The command line: any checkpoint, or the pruned model of a nute.py run, written for another runtime
 
 def main(argv=None):
@@ -463,13 +387,16 @@ def main(argv=None):
     p.add_argument("--ckpt", help="the base checkpoint (default: the run's)")
     p.add_argument("--run", help="a finished nute.py run: its masks and LoRA are cut into the weights (model.slice_model)")
     p.add_argument("--out", required=True, help="NAME.gguf, or a folder for model.safetensors + config.json + tokenizer")
-    p.add_argument("--type", default="F16", help="GGUF tensor type: F32, F16, BF16, Q8_0 or Q4_0 (norms stay F32)")
+    p.add_argument("--type", help="GGUF tensor type: F32, F16 (default), BF16, Q8_0 or Q4_0 (norms stay F32)")
     p.add_argument("--uniform", action="store_true", help="Hugging Face folder: pad every layer to the same sizes "
                    "with zero units (exact), so that AutoModelForCausalLM, vLLM and TGI load it")
     args = p.parse_args(argv)
-    gguf = args.out.endswith(".gguf")
-    if gguf and args.type.upper() not in FILE_TYPE or args.uniform and gguf:
-        raise ValueError(f"--type is one of {', '.join(FILE_TYPE)}; --uniform is for a Hugging Face folder")
+    gguf, qtype = args.out.endswith(".gguf"), (args.type or "F16").upper()
+    if gguf and qtype not in FILE_TYPE or args.uniform and gguf or args.type and not gguf:
+        raise ValueError(f"--type (for a .gguf --out) is one of {', '.join(FILE_TYPE)}; --uniform is for a Hugging "
+                         "Face folder")
+    if os.path.isfile(args.out) or os.path.isdir(args.out) and os.listdir(args.out):
+        raise ValueError(f"--out {args.out}: already there, and a result is never overwritten (another name, or delete it)")
     if args.run and not os.path.isfile(os.path.join(args.run, "adapter.safetensors")):
         raise ValueError(f"--run {args.run}: no adapter.safetensors there (not a finished nute.py run)")
     ckpt = args.ckpt or (run_base(args.run) if args.run else None)
@@ -479,7 +406,7 @@ def main(argv=None):
     if args.run:
         model = slice_model(model, load_adapter(args.run, model))
     if gguf:
-        save_gguf(model, tok, args.out, args.type)
+        save_gguf(model, tok, args.out, qtype)
     else:
         save(pad_model(model, uniform=True) if args.uniform else model, tok, args.out)
     c = model.config

@@ -480,6 +480,13 @@ def test_checkpoint_command_line_writes_gguf_and_hf_folders(tmp_path):
     assert (cfg["num_attention_heads"], cfg["intermediate_size"], cfg["hidden_size"]) == (4, 96, 44)  # 43 -> 4 x 11
     with pytest.raises(ValueError):
         C.main(["--run", str(run), "--out", str(tmp_path / "x.gguf"), "--type", "Q5_K"])
+    with pytest.raises(ValueError, match="--type"):  # a folder takes no GGUF type
+        C.main(["--run", str(run), "--out", str(tmp_path / "hf2"), "--type", "BOGUS"])
+    before = {f: (tmp_path / f).read_bytes() for f in ("p.gguf", "hf/model.safetensors")}
+    for out, extra in (("p.gguf", ["--type", "Q4_0"]), ("hf", []), ("p.gguf", ["--ckpt", str(tmp_path / "p.gguf")])):
+        with pytest.raises(ValueError, match="never overwritten"):  # another export, or its own source
+            C.main(["--run", str(run), "--out", str(tmp_path / out), *extra])
+    assert before == {f: (tmp_path / f).read_bytes() for f in before}
 
 
 # ----------------------------------------------------------------------------------------------------

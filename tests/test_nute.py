@@ -513,6 +513,18 @@ def test_baseline_masks_are_chosen_once_and_kept(tiny, tmp_path, method):
     save_file({**z, "z_hid": z["z_hid"][:-1].contiguous()}, str(tmp_path / "short.safetensors"))
     with pytest.raises(ValueError, match="not the masks of this model"):
         run(tiny, tmp_path / "short", *extra, "--steps", "0", "--masks", tmp_path / "short.safetensors")
+    bad = {"garbage": b"not safetensors", "nan": {**z, "z_int": z["z_int"] * float("nan")},
+           "zero": {k: torch.zeros_like(v) for k, v in z.items()}}
+    for name, content in bad.items():  # refused before anything is copied into the new run's folder
+        f = tmp_path / f"{name}.safetensors"
+        f.write_bytes(content) if isinstance(content, bytes) else save_file(content, str(f))
+        with pytest.raises(ValueError, match=f"{f}: .*masks"):
+            run(tiny, tmp_path / name, *extra, "--steps", "0", "--masks", f)
+        assert not (tmp_path / name / "masks.safetensors").exists()
+    (out / "masks.safetensors").write_bytes((out / "masks.safetensors").read_bytes()[:100])  # torn
+    (out / "adapter.safetensors").unlink()
+    with pytest.raises(ValueError, match="masks.safetensors: not a safetensors file"):
+        run(tiny, out, *extra, "--steps", "4", "--resume")
 
 
 def test_gguf_written_next_to_the_export(tiny, tmp_path):
