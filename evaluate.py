@@ -376,8 +376,7 @@ def latency_table(results):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="a .gguf file, checkpoint folder or hub name ORG/NAME[@REV] (default: the run's "
-                   "base, else SmolLM2-135M)")
+    p.add_argument("--ckpt", help="a .gguf file, a checkpoint folder or ORG/NAME[@REV] (default: the run's base, else SmolLM2)")
     p.add_argument("--run", help="a nute.py run folder: evaluate --ckpt masked by its adapter.safetensors")
     p.add_argument("--compare", action="append", default=[], help="another checkpoint to evaluate (repeatable)")
     p.add_argument("--ppl", help="text file for perplexity (WikiText-2's wiki.test.raw for the paper's column)")
@@ -389,10 +388,8 @@ def get_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--gen-len", type=int, default=256, help="total length: prompt + generated tokens")
     p.add_argument("--runs", type=int, default=5, help="timed runs for --latency (the median is reported)")
-    p.add_argument("--compile", action="store_true", help="--latency with the decode step torch.compiled "
-                   "(a minute or two per model shape before the first token; the warm-up runs absorb it)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: weights in bf16, like the "
-                   "harness's dtype=bfloat16 (faster; docs/guide.md says how close it is)")
+    p.add_argument("--compile", action="store_true", help="--latency: torch.compile the decode step (warm-up runs absorb it)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: as lm-eval's dtype=bfloat16 (faster)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ratio", default="", help="the Ratio cell of the first model (default: from masks / sizes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --latency prompt")
@@ -408,8 +405,11 @@ def get_args(argv=None):
         raise ValueError("--limit and --batch-size must be >= 1, --seq-len >= 2")
     if args.runs < 1 or args.prompt_len < 1 or args.gen_len <= args.prompt_len:
         raise ValueError("--runs and --prompt-len must be >= 1, --gen-len more than --prompt-len")
-    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise ValueError(f"--out {args.out}: its folder does not exist")
+    folder = os.path.dirname(os.path.abspath(args.out or os.path.join(args.run or ".", "eval.json")))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):  # found now, not after hours of scoring
+        raise ValueError(f"--out {args.out or 'eval.json'}: cannot write into {folder}")
+    if bad := [p for p in args.compare if not os.path.exists(p) and not hub.REPO_ID.fullmatch(p)]:
+        raise ValueError(f"--compare {bad[0]}: no such file or folder (nor a hub name ORG/NAME)")
     check_device(args.device)
     if args.ckpt is None and args.run:
         args.ckpt = run_base(args.run)

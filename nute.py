@@ -96,8 +96,7 @@ class TeacherQueue:
         else:
             s = self.target * (1 - (step - self.stage2_start) / max(1, steps - self.stage2_start))
             k = math.ceil((s - self.gap) / self.interval - 1e-6)
-        usable = [key for key in self.snapshots if key <= k]
-        return max(usable) if usable else None
+        return max((key for key in self.snapshots if key <= k), default=None)
 
 
 def distill_loss(logits_s, logits_t, hidden_s, hidden_t, z_hid, temperature, layer_norm="none"):
@@ -190,8 +189,7 @@ def start(args, model, fixed=None, prior=None):
             fixed = {"z_hid": torch.ones(model.config.dim, device=device)}
         lora = {} if args.masks_only else init_lora(model, targets, args.lora_rank, gen)
     for group in (log_alpha, lora):
-        for k in group:
-            group[k] = group[k].to(device).requires_grad_(True)
+        group.update({k: v.to(device).requires_grad_(True) for k, v in group.items()})
     shift = project_to_target(log_alpha, 0.0, model.config, write=False) if prior and log_alpha else None  # apart
     student = Student(log_alpha, lora, args.lora_alpha / args.lora_rank, fixed, shift, args.final_masks == "binary")
     lambdas = torch.zeros(2, device=device, requires_grad=True)
@@ -321,8 +319,10 @@ def train(args):
     if args.rank == 0:
         check_run_folder(args.out, args.resume)  # before the long load; the folder is written only after it
     model, tok = load(args.ckpt, dtype=DTYPES[args.dtype], device=args.device)
-    if args.seq_len > model.config.max_seq_len:
-        raise ValueError(f"--seq-len {args.seq_len}: {args.ckpt} takes at most {model.config.max_seq_len} tokens")
+    if args.seq_len > model.config.max_seq_len or args.lora_rank > model.config.dim:
+        raise ValueError(f"--seq-len {args.seq_len} / --lora-rank {args.lora_rank}: at most {model.config.max_seq_len} / {model.config.dim}")
+    if args.run:
+        load_adapter(args.run, model)  # a broken adapter is refused before the run folder is written
     model.grad_checkpoint = args.grad_checkpoint
     batches = data.training_blocks(tok, args.seq_len, args.data, args.finetune, args.blocks)  # tokens, loss mask
     settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
@@ -495,6 +495,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (LoadError, ValueError, OSError, Diverged) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (LoadError, ValueError, OSError, Diverged, KeyboardInterrupt) as e:
+        print(f"error: {str(e) or 'interrupted: the same command with --resume goes on from the last checkpoint'}", file=sys.stderr)
         sys.exit(2)

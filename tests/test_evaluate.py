@@ -249,6 +249,17 @@ def test_cli_errors(tmp_path):
     assert r.stderr.startswith("error: unknown task nope") and "hellaswag" in r.stderr
     r = run_cli("--tasks", "piqa", env={"NUTE_CACHE": str(tmp_path)})
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "python data.py fetch --tasks" in r.stderr
+    make_tiny(tmp_path / "ckpt")  # found before the first model is scored (no "loading" line), not after
+    r = run_cli("--ckpt", str(tmp_path / "ckpt"), "--ppl", __file__, "--compare", "/nonexistent")
+    assert r.returncode == 2 and r.stderr == "error: --compare /nonexistent: no such file or folder (nor a hub name ORG/NAME)\n"
+
+
+def test_an_unwritable_out_is_found_before_scoring(tmp_path, monkeypatch):
+    argv = ["--ckpt", str(tmp_path), "--ppl", __file__, "--out", str(tmp_path / "e.json")]
+    assert E.get_args(argv).out == str(tmp_path / "e.json")
+    monkeypatch.setattr(E.os, "access", lambda path, mode: path != str(tmp_path))  # (root may write anywhere)
+    with pytest.raises(ValueError, match=f"--out {tmp_path / 'e.json'}: cannot write into {tmp_path}"):
+        E.get_args(argv)
 
 
 def test_a_non_finite_result_is_written_and_exits_non_zero(tmp_path, monkeypatch):

@@ -1,8 +1,10 @@
 """nute.py: hard-concrete masks, Eq. 3, the Lagrangian, the teacher schedule, training runs, export."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -362,7 +364,9 @@ def nute_cli(*argv):
     (["--ckpt", "/nonexistent/ckpt"], "no such file"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--seq-len", "0"], "--seq-len must be at least 2"),
-    (["--seq-len", "100000"], "takes at most"),
+    (["--seq-len", "100000"], "--seq-len 100000 / --lora-rank 8: at most"),
+    (["--lora-rank", "1000000000"], "--lora-rank 1000000000: at most"),
+    (["--run", "NANRUN", "--finetune", "ALPACA"], "holds NaN"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--grad-accum", "0"], "--grad-accum must be at least 1"),
     (["--save-every", "0"], "--save-every must be at least 1"),
@@ -389,13 +393,29 @@ def test_bad_input_exit_2(tiny, tmp_path, extra, message):
     (tmp_path / "DIR").mkdir()
     (tmp_path / "BAD.gz").write_text("not gzip")
     (tmp_path / "FILE").write_text("a file")
+    (tmp_path / "NANRUN").mkdir()
+    z = {k: torch.full(v, float("nan")) for k, v in masks.mask_shapes(checkpoint.load(str(tiny[0]))[0].config).items()}
+    save_file(z, str(tmp_path / "NANRUN" / "adapter.safetensors"))
+    (tmp_path / "ALPACA").write_text(json.dumps([{"instruction": "say hi", "input": "", "output": "hi"}] * 8))
     argv = ["--ckpt", str(tiny[0]), "--data", str(tiny[1]), "--out", str(tmp_path / "o"), "--steps", "2", "--no-eval"]
-    argv += [str(tmp_path / "empty.txt") if a == "EMPTY" else str(tmp_path / a) if a.startswith(("DIR", "BAD", "FILE"))
-             else a for a in extra]
+    argv += [str(tmp_path / "empty.txt") if a == "EMPTY" else str(tmp_path / a)
+             if a.startswith(("DIR", "BAD", "FILE", "NANRUN", "ALPACA")) else a for a in extra]
     r = nute_cli(*argv)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_is_one_line_that_says_how_to_go_on(tiny, tmp_path):
+    cmd = [sys.executable, "nute.py", "--ckpt", tiny[0], "--data", tiny[1], "--out", tmp_path / "r", "--seq-len", 32,
+           "--batch-size", 2, "--dtype", "fp32", "--no-eval", "--steps", 10000, "--save-every", 1]
+    p = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "r" / "checkpoint.pt").exists() and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "error: interrupted: the same command with --resume goes on from the last checkpoint"
 
 
 def test_a_run_folder_belongs_to_its_run(tiny, tmp_path):
