@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from formats.run import write_atomic
 from kernels import peak_mb
 from masks import expected_size, mask_shapes, prunable_size
 
@@ -245,8 +246,7 @@ def baseline_masks(args, model, batches, out):
             (Path(out) / "masks.json").write_text(json.dumps({"method": args.method, "seconds": time.time() - t0,
                                                               "peak_mb": peak_mb(device)}))
     if args.rank == 0:
-        save_file(z, str(path.with_suffix(".tmp")))
-        os.replace(path.with_suffix(".tmp"), path)  # a kill mid-write leaves no torn masks behind
+        write_atomic(path, lambda tmp: save_file(z, tmp))  # a kill mid-write leaves no torn masks behind
     return z
 
 

@@ -32,6 +32,8 @@ def _open_text(path):
         raise ValueError(f"{path}: file not found")
     if path.is_dir():
         raise ValueError(f"{path}: a folder, not a text file")
+    if not path.is_file():  # /dev/zero, a pipe: read_bytes would never end
+        raise ValueError(f"{path}: not a regular file (a device or pipe is not read; save the text to a file)")
     try:
         raw = path.read_bytes()
         return gzip.decompress(raw).decode("utf-8") if path.suffix == ".gz" else raw.decode("utf-8")
@@ -41,15 +43,28 @@ def _open_text(path):
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
-def read_jsonl(path):
-    """JSON lines (optionally .gz) -> list of records."""
+def jsonl_lines(path, text):
+    """JSON lines -> [(line number, record)]; blank lines skipped, but counted."""
     records = []
-    for i, line in enumerate(_open_text(path).splitlines()):
+    for i, line in enumerate(text.splitlines()):
         try:
-            records += [json.loads(line)] if line.strip() else []
+            records += [(i + 1, json.loads(line))] if line.strip() else []
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {i + 1} is not JSON ({e.msg})") from None
     return records
+
+
+def read_jsonl(path):
+    """JSON lines (optionally .gz) -> list of records."""
+    return [r for _, r in jsonl_lines(path, _open_text(path))]
+
+
+def record_text(path, where, r):
+    """A record's text: the record itself when a string, else its "text" field ("" when it has none)."""
+    text = r.get("text", "") if isinstance(r, dict) else r
+    if not isinstance(text, str):  # a number, null or list would fail deep inside the tokenizer
+        raise ValueError(f"{path}: {where}: the text is {json.dumps(text)[:40]}, not a string")
+    return text
 
 
 def read_texts(path):
@@ -64,11 +79,14 @@ def read_texts(path):
     name = Path(path).name.removesuffix(".gz")
     text = _open_text(path)
     if name.endswith((".json", ".jsonl")):
-        try:
-            records = json.loads(text) if text.lstrip().startswith("[") else read_jsonl(path)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
-        docs = [r if isinstance(r, str) else r.get("text", "") if isinstance(r, dict) else "" for r in records]
+        if text.lstrip().startswith("["):  # one JSON list: its records are counted from 0
+            try:
+                records = [(f"record {i}", r) for i, r in enumerate(json.loads(text))]
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+        else:
+            records = [(f"line {n}", r) for n, r in jsonl_lines(path, text)]
+        docs = [record_text(path, where, r) for where, r in records]
     elif text.startswith("<doc "):
         docs = regex.findall(r"<doc[^>]*>\n(.*?)</doc>", text, flags=regex.S)
         # redirect pages are a bare title; the rest lost its HTML escapes to WikiExtractor
@@ -134,11 +152,20 @@ ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a respo
 def read_alpaca(path):
     """Alpaca-style JSON list of {instruction, input, output} -> [(prompt, response)] with the
     standard Alpaca prompt template (the one LLM-Pruner's post-training uses)."""
-    text = _open_text(path)
     try:
-        pairs = [((ALPACA if r.get("input") else ALPACA_NO_INPUT).format(**r), r["output"]) for r in json.loads(text)]
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: not an Alpaca JSON list of {{instruction, input, output}} ({e!r})") from None
+        records = json.loads(_open_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not an Alpaca JSON list ({e.msg}, line {e.lineno})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: not an Alpaca JSON list of {{instruction, input, output}}")
+    pairs = []
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or "instruction" not in r or "output" not in r:
+            raise ValueError(f"{path}: record {i} is not an Alpaca {{instruction, input, output}} object")
+        for key in ("instruction", "input", "output"):  # input may be left out; a number or null may not
+            if not isinstance(r.get(key, ""), str):
+                raise ValueError(f"{path}: record {i}: {key} is {json.dumps(r[key])[:40]}, not a string")
+        pairs.append(((ALPACA if r.get("input") else ALPACA_NO_INPUT).format(**r), r["output"]))
     if not pairs:
         raise ValueError(f"{path}: no text found (empty list)")
     return pairs

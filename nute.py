@@ -27,8 +27,8 @@ import baselines
 import data
 import evaluate
 from formats import hub, svg
-from formats.checkpoint import LoadError, check_device, check_finite, load, load_adapter, save, save_adapter, save_gguf
-from formats.run import check_run_folder, load_run_state, open_run, save_run_state
+from formats.checkpoint import LoadError, check_device, check_finite, load, load_adapter, save, save_gguf
+from formats.run import check_run_folder, load_run_state, open_run, save_adapter, save_run_state
 from formats.layout import pad_model
 from kernels import TemperedKL, average_over_ranks, full_state, init_distributed, peak_mb, shard
 from masks import (LOG_ALPHA_MAX, LOG_ALPHA_MIN, MASKS, deterministic_z, expected_sparsity, init_log_alpha, lagrangian,
@@ -286,7 +286,7 @@ def train_step(step, model, batches, state, args):
             "memory_mb": peak_mb(device), "stage2": queue.stage2_start is not None}
 
 
-def steps(model, batches, state, args, out, run_id, first):
+def run_steps(model, batches, state, args, out, run_id, first):
     """The loop: a row a step appended to log.jsonl (one write: a crash tears at most the last line), an atomic checkpoint
     every save_every steps (all a resume needs); a non-finite step changes nothing. -> False: --stop-after ended it."""
     skipped = in_a_row = 0
@@ -338,7 +338,7 @@ def train(args):
         if args.fsdp:
             shard(model, args.device, args.world)
         first = restore_checkpoint(out, run_id, state) if args.resume else 0
-        if not steps(model, batches, state, args, out, run_id, first):
+        if not run_steps(model, batches, state, args, out, run_id, first):
             return None
         model = build(model.config, full_state(model)) if args.fsdp else model
         adapter = state.student.frozen()

@@ -62,16 +62,59 @@ def interleaved_to_half(w, n_heads):
     return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def config_from_hf(cfg):
-    n_heads = cfg["num_attention_heads"]
-    return ModelConfig(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-                     n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-                     head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-                     ffn_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-                     norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0),
-                     tie_embeddings=cfg.get("tie_word_embeddings", False),
-                     max_seq_len=min(cfg.get("max_position_embeddings", 2048), 8192),
-                     kv_of_head=cfg.get("kv_of_head"), ffn_dims=cfg.get("ffn_dims"))
+def config_value(cfg, where, key, default=None, ok=lambda v: type(v) is int and v > 0, what="a positive integer"):
+    """cfg[key] of a config.json or GGUF metadata (default when absent or null), checked: "576" or 4.0 would fail deep
+    inside torch, 0 in a division."""
+    v = default if cfg.get(key) is None else cfg[key]
+    if not ok(v):
+        raise LoadError(f"{where}: {key} is {'missing' if v is None else json.dumps(v)[:40]}, not {what}")
+    return v
+
+
+def hf_layers(cfg, where, key, n_layers, ok, what):
+    """One of our per-layer lists (kv_of_head, ffn_dims), or None: num_hidden_layers entries, each ok(entry)."""
+    v = cfg.get(key)
+    if v is not None and not (isinstance(v, list) and len(v) == n_layers and all(map(ok, v))):
+        raise LoadError(f"{where}: {key} must be {n_layers} {what}, one per layer (num_hidden_layers {n_layers})")
+    return v
+
+
+def min_params(n_layers, dim, vocab, head_dim, heads, kv, ffn):
+    """A lower bound on the parameters of a config (heads, kv, ffn: per layer, or one int), by arithmetic alone."""
+    layer = lambda n, k, f: (2 * n + 2 * k) * head_dim * dim + 3 * f * dim
+    if not any(isinstance(v, list) for v in (heads, kv, ffn)):
+        return vocab * dim + n_layers * layer(heads, kv, ffn)
+    return vocab * dim + sum(map(layer, *(v if isinstance(v, list) else [v] * n_layers for v in (heads, kv, ffn))))
+
+
+def config_from_hf(cfg, where="config.json", weight_bytes=None):
+    """config.json (plus our per-layer sizes) -> ModelConfig; a bad value is a LoadError naming its key. A config its
+    weight files cannot hold (weight_bytes; a byte a parameter at least) is refused before anything is allocated."""
+    num = lambda key, default=None: config_value(cfg, where, key, default)
+    positive = lambda v: type(v) in (int, float) and v > 0
+    real = lambda key, default: config_value(cfg, where, key, default, positive, "a positive number")
+    dim, n_layers, n_heads = num("hidden_size"), num("num_hidden_layers"), num("num_attention_heads")
+    n_kv, ffn_dim, vocab = num("num_key_value_heads", n_heads), num("intermediate_size"), num("vocab_size")
+    if cfg.get("head_dim") is None and dim % n_heads:
+        raise LoadError(f"{where}: hidden_size {dim} is not divisible by num_attention_heads {n_heads} (no head_dim)")
+    head_dim, count = num("head_dim", dim // n_heads), lambda x: type(x) is int and x >= 0
+    kv_heads = lambda x: isinstance(x, list) and all(map(count, x)) and max(x, default=-1) < len(x)  # model.Attention
+    kv_of_head = hf_layers(cfg, where, "kv_of_head", n_layers, kv_heads, "lists of kv heads (no more than heads)")
+    ffn_dims = hf_layers(cfg, where, "ffn_dims", n_layers, count, "FFN widths")
+    if kv_of_head is None and n_heads % n_kv:
+        raise LoadError(f"{where}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}")
+    tie = config_value(cfg, where, "tie_word_embeddings", False, lambda v: isinstance(v, bool), "true or false")
+    if weight_bytes is not None:
+        heads = [len(k) for k in kv_of_head] if kv_of_head else n_heads
+        kv = [max(k, default=-1) + 1 for k in kv_of_head] if kv_of_head else n_kv
+        need = min_params(n_layers, dim, vocab, head_dim, heads, kv, ffn_dims or ffn_dim) + 2 * n_layers * dim  # norms
+        if need > weight_bytes:
+            raise LoadError(f"{where}: num_hidden_layers {n_layers}, hidden_size {dim}, intermediate_size {ffn_dim}... "
+                            f"make {need:,} parameters at least, more than its weight files' {weight_bytes:,} bytes")
+    return ModelConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, ffn_dim=ffn_dim,
+                       vocab_size=vocab, norm_eps=real("rms_norm_eps", 1e-6), rope_theta=real("rope_theta", 10000.0),
+                       tie_embeddings=tie, max_seq_len=min(num("max_position_embeddings", 2048), 8192),
+                       kv_of_head=kv_of_head, ffn_dims=ffn_dims)
 
 
 def hf_config(config):
@@ -86,8 +129,11 @@ def hf_config(config):
 
 
 def read_hf(path):
-    with open(os.path.join(path, "config.json")) as f:
+    where = os.path.join(path, "config.json")
+    with open(where) as f:
         cfg = json.load(f)
+    if not isinstance(cfg, dict):
+        raise LoadError(f"{where}: not a JSON object")
     if cfg.get("rope_scaling"):
         raise LoadError(f"{path}: rope_scaling {cfg['rope_scaling']} is not supported")
     index = os.path.join(path, "model.safetensors.index.json")
@@ -98,7 +144,9 @@ def read_hf(path):
         files = ["model.safetensors"]
     else:
         raise LoadError(f"{path}: config.json but no model.safetensors or model.safetensors.index.json")
-    config, state = config_from_hf(cfg), {}
+    if missing := [f for f in files if not os.path.isfile(os.path.join(path, f))]:
+        raise LoadError(f"{os.path.join(path, missing[0])}: not found (model.safetensors.index.json lists it)")
+    config, state = config_from_hf(cfg, where, sum(os.path.getsize(os.path.join(path, f)) for f in files)), {}
     for file in files:  # one tensor at a time, so peak memory stays about one copy of the weights
         try:
             with safe_open(os.path.join(path, file), "pt") as f:
@@ -138,6 +186,39 @@ def read_meta(path):
     return config, state
 
 
+def gguf_sizes(path, meta, arch, tensors):
+    """A GGUF's sizes, checked against each other and the tensors it holds before anything is made from them (a
+    block_count of 10^8 would make lists of 10^8) -> n_layers, dim, per-layer heads, kv heads, FFN widths, head size."""
+    key, count = lambda k: f"{arch}.{k}", lambda x: type(x) is int and x >= 0  # a bool or float is no count
+    n_layers, dim = config_value(meta, path, key("block_count")), config_value(meta, path, key("embedding_length"))
+    per_layer = lambda v: count(v) or isinstance(v, list) and len(v) == n_layers and all(map(count, v))
+    layers = lambda k, d=None: config_value(meta, path, key(k), d, per_layer, f"a count, or a list of {n_layers}")
+    heads, ffn = layers("attention.head_count"), layers("feed_forward_length")
+    kv = layers("attention.head_count_kv", heads)
+    blocks = {k.split(".")[1] for k in tensors if k.startswith("blk.")}
+    if isinstance(heads, int) and n_layers != len(blocks):  # the same heads in every layer: each has tensors
+        raise LoadError(f"{path}: {key('block_count')} is {n_layers}, but the file holds {len(blocks)} blocks")
+    heads, kv, ffn = ([v] * n_layers if isinstance(v, int) else v for v in (heads, kv, ffn))
+    size_key = next((key(k) for k in ("attention.key_length", "rope.dimension_count") if key(k) in meta), None)
+    if size_key is None and (not heads[0] or dim % heads[0]):  # llama.cpp's head size: embedding / layer 0's heads
+        raise LoadError(f"{path}: {key('embedding_length')} {dim} is not divisible by {key('attention.head_count')} "
+                        f"{heads[0]} (and no {key('attention.key_length')})")
+    head_dim = config_value(meta, path, size_key) if size_key else dim // heads[0]
+    need = min_params(n_layers, dim, len(tensors.get("token_embd.weight", ())), head_dim, heads, kv, ffn)
+    if need > (have := sum(t.size for t in tensors.values())):
+        raise LoadError(f"{path}: {key('block_count')} {n_layers}, embedding_length {dim}, up to {max(heads)} heads of "
+                        f"{head_dim}, FFN up to {max(ffn)} make {need:,} parameters at least; the file holds {have:,}")
+    for i, (n, k) in enumerate(zip(heads, kv)):
+        if n and (not k or n % k):
+            raise LoadError(f"{path}: {key('attention.head_count_kv')}: layer {i} has {n} heads, not groups of {k}")
+        for name, rows, what in (("attn_q", n, "attention.head_count"), ("attn_k", k, "attention.head_count_kv")):
+            if n and len(tensors.get(f"blk.{i}.{name}.weight", ())) not in (0, rows * head_dim):
+                raise LoadError(f"{path}: blk.{i}.{name}.weight does not have {key(what)} {rows} x {head_dim} rows")
+    if not any(heads):
+        raise LoadError(f"{path}: {key('attention.head_count')} is 0 in every layer")
+    return n_layers, dim, heads, kv, ffn, head_dim
+
+
 def read_gguf_model(path):
     """A `llama` GGUF, or a `deci` one (per-layer head, kv-head and FFN counts: how save_gguf writes pruned models)."""
     meta, tensors = read_gguf(path)
@@ -145,14 +226,10 @@ def read_gguf_model(path):
     if arch not in ("llama", "deci"):
         raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported (llama, deci)")
     g = lambda k, d=None: meta.get(f"{arch}.{k}", d)
-    n_layers, dim = g("block_count"), g("embedding_length")
-    per_layer = lambda v: v if isinstance(v, list) else [v] * n_layers
-    heads, ffn = per_layer(g("attention.head_count")), per_layer(g("feed_forward_length"))
-    kv = per_layer(g("attention.head_count_kv", g("attention.head_count")))
+    n_layers, dim, heads, kv, ffn, head_dim = gguf_sizes(path, meta, arch, tensors)
     state = {rename(k, GGUF_NAMES): torch.from_numpy(v) for k, v in tensors.items()}
     config = ModelConfig(dim=dim, n_layers=n_layers, n_heads=max(heads), n_kv_heads=max(1, max(kv)),
-                         head_dim=g("attention.key_length", g("rope.dimension_count", dim // max(1, heads[0]))),
-                         ffn_dim=max(ffn), vocab_size=state["tok_embeddings.weight"].shape[0],
+                         head_dim=head_dim, ffn_dim=max(ffn), vocab_size=state["tok_embeddings.weight"].shape[0],
                          norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=g("rope.freq_base", 10000.0),
                          tie_embeddings="output.weight" not in state, max_seq_len=min(g("context_length", 2048), 8192),
                          kv_of_head=[[h // (n // k) for h in range(n)] if n else [] for n, k in zip(heads, kv)],
@@ -166,24 +243,17 @@ def read_gguf_model(path):
 
 def read_checkpoint(path):
     """-> (config, state, tokenizer source, whether q/k rows are in the interleaved RoPE layout)."""
-    tok_source = path
     if os.path.isfile(path):
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise LoadError(f"{path}: unknown format (expected a .gguf file or a checkpoint folder)")
-        config, state, tok_source = read_gguf_model(path)
-        interleaved = True
-    elif os.path.exists(os.path.join(path, "config.json")):
-        config, state = read_hf(path)
-        interleaved = False
-        if os.path.exists(os.path.join(path, "tokenizer.gguf")):  # an export of a GGUF model
-            tok_source = read_gguf(os.path.join(path, "tokenizer.gguf"), tensors=False)[0]
-    elif os.path.exists(os.path.join(path, "params.json")):
-        config, state = read_meta(path)
-        interleaved = True
-    else:
-        raise LoadError(f"{path}: no config.json, params.json or .gguf: not a checkpoint")
-    return config, state, tok_source, interleaved
+        return (*read_gguf_model(path), True)  # the tokenizer is the GGUF's metadata
+    if os.path.exists(os.path.join(path, "config.json")):
+        tok = os.path.join(path, "tokenizer.gguf")  # an export of a GGUF model keeps its tokenizer so
+        return (*read_hf(path), read_gguf(tok, tensors=False)[0] if os.path.exists(tok) else path, False)
+    if os.path.exists(os.path.join(path, "params.json")):
+        return (*read_meta(path), path, True)
+    raise LoadError(f"{path}: no config.json, params.json or .gguf: not a checkpoint")
 
 
 def load(path, dtype=torch.float32, device="cpu", max_seq_len=None):
@@ -349,14 +419,6 @@ def load_adapter(run, model):
     if "lora_scale" in adapter:
         adapter["lora_scale"] = float(adapter["lora_scale"])
     return adapter
-
-
-def save_adapter(adapter, run):
-    """Writes a run's masks + LoRA (+ lora_scale) as run/adapter.safetensors, fp32 on the CPU (atomic)."""
-    tensors = {k: torch.as_tensor(v).detach().float().cpu().contiguous() for k, v in adapter.items()}
-    check_finite(tensors, os.path.join(run, "adapter.safetensors"))
-    save_file(tensors, os.path.join(run, "adapter.safetensors.tmp"))
-    os.replace(os.path.join(run, "adapter.safetensors.tmp"), os.path.join(run, "adapter.safetensors"))
 
 
 def run_base(run):

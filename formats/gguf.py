@@ -40,6 +40,8 @@ def read_gguf(path, tensors=True):
     if not tensors:
         return meta, {}
     align = meta.get("general.alignment", 32)
+    if type(align) is not int or align <= 0 or align & (align - 1):  # llama.cpp asks for a power of two too
+        raise GGUFError(f"{path}: general.alignment is {align!r:.40}, not a power of two")
     start = (pos + align - 1) // align * align
     out = {}
     for name, shape, t, offset in infos:

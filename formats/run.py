@@ -1,6 +1,6 @@
 """A run folder: settings.json (a run's settings and run id), a lock while a process writes it, log.jsonl (a row a
-step), checkpoint.pt (everything a resume needs, tensors, numbers and strings only). adapter.safetensors, the
-result, is written by formats.checkpoint.save_adapter."""
+step), checkpoint.pt (everything a resume needs: tensors, numbers and strings only), adapter.safetensors (the
+result). Every file is written whole or not at all (write_atomic)."""
 import fcntl
 import json
 import os
@@ -9,8 +9,29 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from formats.checkpoint import LoadError
+from formats.checkpoint import LoadError, check_finite
+
+
+def write_atomic(path, write):
+    """write(a temporary file), then rename it onto path: a kill or a full disk mid-write leaves path as it was."""
+    tmp = f"{path}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # (a full disk: one line naming the file, and no .tmp left behind)
+        raise OSError(f"{path}: not written ({e.strerror or e}); it is as it was") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_adapter(adapter, run):
+    """Writes a run's masks + LoRA (+ lora_scale) as run/adapter.safetensors, fp32 on the CPU."""
+    tensors = {k: torch.as_tensor(v).detach().float().cpu().contiguous() for k, v in adapter.items()}
+    check_finite(tensors, os.path.join(run, "adapter.safetensors"))
+    write_atomic(os.path.join(run, "adapter.safetensors"), lambda tmp: save_file(tensors, tmp))
 
 
 def check_run_folder(out, resume):
@@ -72,9 +93,7 @@ def open_run(out, settings, resume):
 
 
 def save_run_state(out, state):
-    tmp = Path(out) / "checkpoint.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, Path(out) / "checkpoint.pt")  # a kill mid-write leaves the previous checkpoint intact
+    write_atomic(Path(out) / "checkpoint.pt", lambda tmp: torch.save(state, tmp))  # the previous one stays till then
 
 
 def load_run_state(out, run_id, device, trim_log=True):
@@ -101,7 +120,5 @@ def load_run_state(out, run_id, device, trim_log=True):
             continue
         if state and step <= state["step"]:
             keep.append(row)
-    tmp = log.with_suffix(".tmp")
-    tmp.write_text("".join(r + "\n" for r in keep))
-    os.replace(tmp, log)
+    write_atomic(log, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in keep)))
     return state

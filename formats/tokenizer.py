@@ -42,6 +42,14 @@ def byte_to_unicode():
 BYTE_CHARS = byte_to_unicode()
 BYTE_TABLE = str.maketrans({chr(b): c for b, c in BYTE_CHARS.items()})  # latin-1 char -> BPE char
 CHAR_BYTES = {c: b for b, c in BYTE_CHARS.items()}
+PLAIN_BYTES = [9, 10, 13, *range(32, 127)]  # tab, newline, CR, printable ASCII: what any text is made of
+
+
+def missing_bytes(vocab):
+    """-> a message naming the plain-text bytes a byte-level vocabulary has no token for ('' when it has them all).
+    Other bytes may be missing (SmolLM2 lacks 21, \\x04 among them): encode drops those, as llama.cpp does."""
+    missing = [chr(b) for b in PLAIN_BYTES if BYTE_CHARS[b] not in vocab]
+    return f"byte-level BPE vocabulary without the byte tokens of {''.join(missing)[:20]!r}" if missing else ""
 
 
 class Tokenizer:
@@ -128,9 +136,9 @@ class Tokenizer:
                     break
                 i = ranks.index(best)  # ties: leftmost first
                 parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        ids = []
-        for p in parts:  # a piece the vocab lacks falls back to its single bytes
-            ids += [self.token_to_id[p]] if p in self.token_to_id else [self.token_to_id[c] for c in p]
+        ids, vocab = [], self.token_to_id
+        for p in parts:  # a piece the vocab lacks falls back to its single bytes (a byte it lacks too: dropped)
+            ids += [vocab[p]] if p in vocab else [vocab[c] for c in p if c in vocab]
         if len(self.cache) > 200_000:
             self.cache.clear()
         self.cache[word] = ids
@@ -195,6 +203,8 @@ def tokenizer_from_gguf(meta):
     if model == "gpt2":
         if "tokenizer.ggml.merges" not in meta:
             raise ValueError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
+        if missing := missing_bytes(set(tokens)):
+            raise ValueError(f"GGUF {missing}")
         pre = meta.get("tokenizer.ggml.pre", "default")
         return Tokenizer("bpe", tokens, specials, bos, eos, merges=meta["tokenizer.ggml.merges"],
                          patterns=PRE_TOKENIZERS.get(pre, [GPT2_SPLIT]), ignore_merges=pre in ("llama-bpe", "llama3"),
@@ -227,6 +237,8 @@ def tokenizer_from_hf_json(path):
     vocab = dict(model["vocab"])
     for t in cfg.get("added_tokens", []):
         vocab[t["content"]] = t["id"]
+    if missing := missing_bytes(vocab):
+        raise ValueError(f"{path}: {missing}")
     tokens = [""] * (max(vocab.values()) + 1)
     for t, i in vocab.items():
         tokens[i] = t

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 import data
 import evaluate
 from formats import svg
-from formats.checkpoint import load, save_adapter
+from formats.checkpoint import load
+from formats.run import save_adapter
 from masks import deterministic_z, mask_sparsity, shifted
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: nute.py and evaluate.py

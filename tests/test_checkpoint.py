@@ -17,6 +17,7 @@ from formats import checkpoint as C
 from formats import gguf, layout
 from formats import tokenizer as tokenizer_module
 from formats.checkpoint import LoadError
+from formats.run import save_adapter
 from helpers import (ARR, BOOL, F32_, F64_, GGUF_TOKENS, I8, I16, I32, I64, STR, TO_HF, U8, U16, U32, U64, close,
                      external_name, gguf_bytes, gguf_config, gguf_tokenizer_kvs, hf_config_dict, make_model, make_tiny,
                      quantize, SENTENCE_TEXT, tiny_config, to_interleaved_state, tokens_for, write_gguf, write_hf,
@@ -274,6 +275,71 @@ def test_load_error_gguf_counts_past_2_63(tmp_path):
         C.load(str(path))
 
 
+@pytest.mark.parametrize("kvs, key", [
+    ([("general.alignment", U32, 0)], "general.alignment"),
+    ([("general.alignment", U32, 48)], "general.alignment"),  # llama.cpp: a power of two
+    ([("llama.attention.head_count", U32, 0)], "llama.attention.head_count"),
+    ([("llama.attention.head_count_kv", U32, 0)], "llama.attention.head_count_kv"),
+    ([("llama.attention.head_count_kv", U32, 3)], "llama.attention.head_count_kv"),  # 4 heads in groups of 3
+    ([("llama.block_count", U32, 0)], "llama.block_count"),
+    ([("llama.block_count", U32, 3)], "llama.block_count"),  # the file holds 2 blocks
+    ([("llama.embedding_length", STR, "64")], "llama.embedding_length"),
+    ([("llama.feed_forward_length", ARR, (I32, [64]))], "llama.feed_forward_length"),  # a list, but of 1 layer
+    ([("llama.attention.head_count", U32, 3), ("llama.attention.head_count_kv", U32, 1)], "llama.attention.head_count"),
+    ([("llama.block_count", U32, 10**8)], "llama.block_count"),  # a list of 10^8 layers was built first
+    ([("llama.attention.head_count", U32, 2**31)], "parameters"),  # 2^31 heads: refused before a list of them
+])
+def test_load_error_gguf_sizes_name_the_key(tmp_path, fake_tokenizer, kvs, key):
+    """Metadata sizes that are 0, the wrong type, disagree with the tensors, or absurd: a LoadError naming the file
+    and the key, before anything is allocated for them (no ZeroDivisionError, RuntimeError or MemoryError)."""
+    path = tmp_path / "t.gguf"
+    write_gguf(str(path), make_model(gguf_config(), dtype=torch.float32), "F32", extra_kvs=kvs)  # the last key wins
+    with pytest.raises(LoadError, match=key) as e:
+        C.load(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_load_error_gguf_embedding_not_divisible_by_heads(tmp_path, fake_tokenizer):
+    """With no key_length or rope.dimension_count the head size is embedding_length / head_count: 64 / 3 is refused."""
+    path = tmp_path / "t.gguf"
+    write_gguf(str(path), make_model(gguf_config(), dtype=torch.float32), "F32",
+               extra_kvs=[("llama.attention.head_count", U32, 3), ("llama.attention.head_count_kv", U32, 1)])
+    path.write_bytes(path.read_bytes().replace(b"llama.rope.dimension_count", b"llama.rope.dimension_cOunt"))
+    with pytest.raises(LoadError, match="llama.embedding_length 64 .*llama.attention.head_count 3") as e:
+        C.load(str(path))
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"ffn_dims": [24, 0, 7]}, "ffn_dims"),  # 3 of 4 layers
+    ({"kv_of_head": UNEVEN["kv_of_head"] + [[0]]}, "kv_of_head"),
+    ({"ffn_dims": [24, "0", 7, 0]}, "ffn_dims"),
+    ({"kv_of_head": [[0, 0, 1], [], 0, [0, 1, 1, 1]]}, "kv_of_head"),
+    ({"kv_of_head": [[0, 0, 1], [], [0], [0, 1, 1, 7]]}, "kv_of_head"),  # 8 kv heads for 4 heads
+    ({"hidden_size": "48"}, "hidden_size"),
+    ({"num_hidden_layers": "4"}, "num_hidden_layers"),
+    ({"num_hidden_layers": 4.0}, "num_hidden_layers"),
+    ({"num_attention_heads": "4"}, "num_attention_heads"),
+    ({"num_attention_heads": 0, "head_dim": None}, "num_attention_heads"),
+    ({"num_attention_heads": 5, "head_dim": None}, "hidden_size 48 .*num_attention_heads 5"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings"),
+    ({"num_hidden_layers": 10**8, "kv_of_head": None, "ffn_dims": None}, "parameters"),  # before 10^8 layers are made
+    ({"num_attention_heads": 2**31, "kv_of_head": None}, "parameters"),
+])
+def test_load_error_hf_config_values_name_the_key(tmp_path, fake_tokenizer, change, key):
+    """config.json: per-layer lists of another length than num_hidden_layers, numbers given as strings, sizes the
+    weight files cannot hold: one LoadError naming config.json and the key, before anything is allocated."""
+    folder = make_tiny(tmp_path / "m", **UNEVEN)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(LoadError, match=f"config.json: .*{key}"):
+        C.load(str(folder))
+    (folder / "config.json").write_text("[1, 2]")  # JSON, but not an object
+    with pytest.raises(LoadError, match="config.json"):
+        C.load(str(folder))
+
+
 def test_load_error_tokenizer_larger_than_embedding(tmp_path, fake_tokenizer):
     m = make_model(tiny_config(), dtype=torch.float32)
     write_hf(tmp_path, m)
@@ -466,7 +532,7 @@ def test_checkpoint_command_line_writes_gguf_and_hf_folders(tmp_path):
     run.mkdir()
     z = {k: torch.ones(s) for k, s in masks.mask_shapes(base.config).items()}
     z["z_head"][0, 1], z["z_int"][1, :40], z["z_hid"][:5] = 0, 0, 0
-    C.save_adapter(z, run)
+    save_adapter(z, run)
     (run / "settings.json").write_text(json.dumps({"ckpt": str(folder)}))
     C.main(["--run", str(run), "--out", str(tmp_path / "p.gguf"), "--type", "F32"])
     C.main(["--run", str(run), "--out", str(tmp_path / "hf"), "--uniform"])

@@ -137,6 +137,53 @@ def test_text_readers_name_the_file(tmp_path):
         assert str(path) in str(e.value)
 
 
+def test_text_that_is_not_a_string_names_the_file_and_line(tmp_path):
+    """A "text" that is a number, null or a list is one ValueError naming the file and the line (record of a JSON list)."""
+    for value in (5, None, ["a"], {"b": 1}):
+        bad = json.dumps({"text": value})
+        (tmp_path / "a.jsonl").write_text(f'{{"text": "ok"}}\n\n{bad}\n')  # the blank line counts
+        with pytest.raises(ValueError, match="line 3") as e:
+            data.read_texts(tmp_path / "a.jsonl")
+        assert str(tmp_path / "a.jsonl") in str(e.value)
+        with gzip.open(tmp_path / "c.json.gz", "wt") as f:
+            f.write(f'{bad}\n')
+        with pytest.raises(ValueError, match="line 1"):
+            data.read_texts(tmp_path / "c.json.gz")
+        (tmp_path / "b.json").write_text(json.dumps([{"text": "ok"}, {"text": value}]))
+        with pytest.raises(ValueError, match="record 1") as e:
+            data.read_texts(tmp_path / "b.json")
+        assert str(tmp_path / "b.json") in str(e.value)
+    (tmp_path / "n.jsonl").write_text('{"text": "ok"}\n7\n')  # a record that is neither text nor an object
+    with pytest.raises(ValueError, match="line 2"):
+        data.read_texts(tmp_path / "n.jsonl")
+
+
+def test_alpaca_field_that_is_not_a_string_names_the_record(tmp_path):
+    good = {"instruction": "Add.", "input": "1 2", "output": "3"}
+    for key, value in (("output", 3), ("output", None), ("instruction", 5), ("instruction", None), ("input", None),
+                       ("input", [1])):
+        (tmp_path / "a.json").write_text(json.dumps([good, good, {**good, key: value}]))
+        with pytest.raises(ValueError, match=f"record 2.*{key}") as e:
+            data.read_alpaca(tmp_path / "a.json")
+        assert str(tmp_path / "a.json") in str(e.value)
+    (tmp_path / "b.json").write_text(json.dumps([good, "not a record"]))
+    with pytest.raises(ValueError, match="record 1"):
+        data.read_alpaca(tmp_path / "b.json")
+    (tmp_path / "c.json").write_text(json.dumps({"instruction": "x", "output": "y"}))  # not a list
+    with pytest.raises(ValueError, match="Alpaca"):
+        data.read_alpaca(tmp_path / "c.json")
+    (tmp_path / "d.json").write_text(json.dumps([{"instruction": "Hi.", "output": "Hello"}]))  # no input: fine
+    assert data.read_alpaca(tmp_path / "d.json")[0][1] == "Hello"
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+def test_endless_file_is_refused_before_reading():
+    """--data /dev/zero: a device never ends, so it is refused before a byte is read (not read until memory runs out)."""
+    for read in (data.read_texts, data.read_alpaca, data.read_jsonl):
+        with pytest.raises(ValueError, match="/dev/zero: not a regular file"):
+            read("/dev/zero")
+
+
 def test_arc_rebuilt_from_requests(tmp_path):
     """ARC/OBQA test splits come from oe-eval request files: one line per choice, plus
     'unconditional' copies with doc_id >= 1000000; we want one row per question, HF layout."""

@@ -17,6 +17,7 @@ import masks
 import model
 import nute
 from formats import checkpoint, gguf
+from formats.run import save_adapter
 from conftest import ROOT
 from helpers import make_tiny
 
@@ -481,7 +482,7 @@ def test_a_diverged_run_stops_and_writes_nothing_non_finite(tiny, tmp_path, monk
     state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["lora"].values())
     with pytest.raises(ValueError, match="NaN or inf"):
-        checkpoint.save_adapter({"z_hid": torch.tensor([1.0, float("nan")])}, tmp_path / "r")
+        save_adapter({"z_hid": torch.tensor([1.0, float("nan")])}, tmp_path / "r")
 
 
 def test_resume_with_other_model_refused(tiny, tmp_path):

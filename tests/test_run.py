@@ -1,5 +1,7 @@
 """formats/run.py: a run folder belongs to one run, and to one process at a time."""
+import errno
 import json
+import os
 import subprocess
 import sys
 
@@ -40,3 +42,16 @@ def test_settings_that_are_not_an_object_are_refused_in_one_line(tmp_path, text)
     (tmp_path / "settings.json").write_text(text)
     with pytest.raises(ValueError, match="settings.json is corrupt"):
         run.check_run_folder(tmp_path, resume=True)
+
+
+def test_a_full_disk_leaves_the_file_as_it_was_and_no_tmp(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"the last checkpoint")
+
+    def full(tmp):  # the disk fills mid-write
+        open(tmp, "wb").write(b"part of the new one")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(OSError, match=r"checkpoint.pt: not written \(No space left on device\); it is as it was"):
+        run.write_atomic(tmp_path / "checkpoint.pt", full)
+    assert os.listdir(tmp_path) == ["checkpoint.pt"] and (tmp_path / "checkpoint.pt").read_bytes() == b"the last checkpoint"
+    run.write_atomic(tmp_path / "checkpoint.pt", lambda tmp: open(tmp, "wb").write(b"new"))
+    assert os.listdir(tmp_path) == ["checkpoint.pt"] and (tmp_path / "checkpoint.pt").read_bytes() == b"new"

@@ -10,7 +10,7 @@ import pytest
 import data
 from formats import tokenizer
 from formats.gguf import read_gguf
-from helpers import tiny_tokenizer
+from helpers import make_tiny, tiny_tokenizer
 
 REFERENCES = Path(__file__).parent / "data" / "tokenizers"
 SEP = "\n__ggml_vocab_test__\n"
@@ -179,3 +179,29 @@ def test_tiny_bpe():
     assert tok.decode(tok.encode("x the é<|endoftext|>")) == "x the é<|endoftext|>"
 
 
+def test_hf_tokenizer_json_without_its_byte_tokens_is_refused_at_load(tmp_path):
+    """Byte-level BPE falls back to single bytes for any piece the vocabulary lacks: a vocabulary without the byte
+    tokens of plain text (here 'a'..'z') is refused at load, naming the file, not a KeyError at the first encode."""
+    from formats import checkpoint
+    folder = make_tiny(tmp_path / "ckpt", n_layers=1)
+    cfg = json.loads((folder / "tokenizer.json").read_text())
+    cfg["model"]["vocab"] = {t: i for t, i in cfg["model"]["vocab"].items() if not "a" <= t <= "z"}
+    (folder / "tokenizer.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="tokenizer.json.*byte") as e:
+        tokenizer.load_tokenizer(folder / "tokenizer.json")
+    assert str(folder / "tokenizer.json") in str(e.value)
+    with pytest.raises(checkpoint.LoadError, match="tokenizer.json.*byte"):
+        checkpoint.load(str(folder))
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": list(cfg["model"]["vocab"]), "tokenizer.ggml.merges": []}
+    with pytest.raises(ValueError, match="byte"):  # the same vocabulary in GGUF metadata
+        tokenizer.load_tokenizer(meta)
+
+
+def test_bpe_drops_a_byte_the_vocabulary_lacks_like_llama_cpp():
+    """SmolLM2's vocabulary lacks 21 byte tokens (control characters such as \\x04, and bytes UTF-8 never or rarely
+    uses); llama.cpp and Hugging Face drop such a byte, where a KeyError used to stop the run."""
+    tok = tiny_tokenizer()
+    tokens = [t if t != tokenizer.BYTE_CHARS[4] else "<unused>" for t in tok.tokens]
+    tok = tokenizer.Tokenizer("bpe", tokens, ["<|endoftext|>"], None, 259, merges=["Ġ t", "h e", "Ġt he"],
+                              patterns=[tokenizer.GPT2_SPLIT])
+    assert tok.encode("a\x04b the") == [ord("a"), ord("b"), 258]
