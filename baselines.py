@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from formats.run import write_atomic
+from formats.checkpoint import write_atomic
 from kernels import peak_mb
 from masks import expected_size, mask_shapes, prunable_size
 

@@ -308,13 +308,26 @@ def check_device(device):
 # ----------------------------------------------------------------------------------------------------
 # Writing: an exported model in Hugging Face's layout, and a run's adapter
 
+def write_atomic(path, write):
+    """write(a temporary file), then rename it onto path: a kill or a full disk mid-write leaves path as it was."""
+    tmp = f"{path}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # (a full disk: one line naming the file, and no .tmp left behind)
+        raise OSError(f"{path}: not written ({e.strerror or e}); it is as it was") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save(model, tokenizer, folder):
     """Writes model.safetensors + config.json (Hugging Face names, rotate-half RoPE) + the tokenizer."""
     check_finite(model.state_dict(), folder)
     os.makedirs(folder, exist_ok=True)
     to_hf = {v: k for k, v in HF_NAMES.items()}
     state = {rename(key, to_hf): value.contiguous() for key, value in model.state_dict().items()}
-    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    write_atomic(os.path.join(folder, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_config(model.config), f, indent=1)
     src = getattr(tokenizer, "source", None)

@@ -180,12 +180,17 @@ def write_gguf(path, meta, tensors):
         _, block, nbytes = GGML_TYPES[GGML_ID[kind]]
         offset += -(-math.prod(shape) // block * nbytes // 32) * 32
     head = b"".join(head)
-    with open(str(path) + ".part", "wb") as f:
-        f.write(head + b"\0" * (-len(head) % 32))
-        for _, _, _, raw in tensors:
-            f.write(raw() if callable(raw) else raw)
-            f.write(b"\0" * (-f.tell() % 32))
-    os.replace(str(path) + ".part", path)
+    try:
+        with open(str(path) + ".part", "wb") as f:
+            f.write(head + b"\0" * (-len(head) % 32))
+            for _, _, _, raw in tensors:
+                f.write(raw() if callable(raw) else raw)
+                f.write(b"\0" * (-f.tell() % 32))
+        os.replace(str(path) + ".part", path)
+    except OSError as e:  # a full disk: one line naming the file, and no .part left behind
+        if os.path.exists(str(path) + ".part"):
+            os.remove(str(path) + ".part")
+        raise OSError(f"{path}: not written ({e.strerror or e})") from None
 
 
 def write_gguf_metadata(path, meta):

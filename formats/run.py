@@ -11,20 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from formats.checkpoint import LoadError, check_finite
-
-
-def write_atomic(path, write):
-    """write(a temporary file), then rename it onto path: a kill or a full disk mid-write leaves path as it was."""
-    tmp = f"{path}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:  # (a full disk: one line naming the file, and no .tmp left behind)
-        raise OSError(f"{path}: not written ({e.strerror or e}); it is as it was") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+from formats.checkpoint import LoadError, check_finite, write_atomic
 
 
 def save_adapter(adapter, run):

@@ -1,7 +1,9 @@
 """Tests for formats/checkpoint.py and formats/gguf.py: each layout (Hugging Face, Meta, GGUF) written by tests/helpers.py, loaded back
 and compared logit for logit; the GGUF reader against ggml's block formulas; bad files give LoadError."""
+import errno
 import io
 import json
+import os
 import struct
 import types
 
@@ -637,3 +639,11 @@ def test_transformers_loads_a_uniform_export(smollm, tmp_path, target):
     assert hf_tok.encode(SENTENCE_TEXT, add_special_tokens=False) == ids
     with torch.no_grad():
         close(hf(torch.tensor([ids])).logits[0], small(torch.tensor([ids]))[0], 1e-4, "transformers vs ours")
+
+
+def test_a_full_disk_mid_gguf_is_one_line_and_leaves_no_part(tmp_path):
+    def full():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(OSError, match=r"m.gguf: not written \(No space left on device\)"):
+        gguf.write_gguf(str(tmp_path / "m.gguf"), {"general.architecture": "llama"}, [("t", (32,), "F32", full)])
+    assert os.listdir(tmp_path) == []

@@ -1,4 +1,4 @@
-"""formats/run.py: a run folder belongs to one run, and to one process at a time."""
+"""formats/run.py: a run folder belongs to one run, and to one process at a time; its files are written whole."""
 import errno
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from formats import run
+from formats import checkpoint, run
 
 HOLD = "import sys, time; from formats import run; run.lock_run_folder(sys.argv[1]); print('held', flush=True); time.sleep(60)"
 
@@ -51,7 +51,7 @@ def test_a_full_disk_leaves_the_file_as_it_was_and_no_tmp(tmp_path):
         open(tmp, "wb").write(b"part of the new one")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     with pytest.raises(OSError, match=r"checkpoint.pt: not written \(No space left on device\); it is as it was"):
-        run.write_atomic(tmp_path / "checkpoint.pt", full)
+        checkpoint.write_atomic(tmp_path / "checkpoint.pt", full)
     assert os.listdir(tmp_path) == ["checkpoint.pt"] and (tmp_path / "checkpoint.pt").read_bytes() == b"the last checkpoint"
-    run.write_atomic(tmp_path / "checkpoint.pt", lambda tmp: open(tmp, "wb").write(b"new"))
+    checkpoint.write_atomic(tmp_path / "checkpoint.pt", lambda tmp: open(tmp, "wb").write(b"new"))
     assert os.listdir(tmp_path) == ["checkpoint.pt"] and (tmp_path / "checkpoint.pt").read_bytes() == b"new"
