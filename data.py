@@ -142,6 +142,15 @@ def default_texts(every=10):
     return read_texts(c4) + wiki_train, held, validation
 
 
+def default_categories(every=10):
+    """The default training text by source, for LoRAShear's dynamic recovery -> {name: (training documents, validation
+    documents)}. Wikipedia's are default_texts' (the held-out test documents in neither); C4's validation documents are
+    those with crc32 % every == 1, which --recovery dynamic then leaves out of training."""
+    train, _, wiki_valid = default_texts(every)
+    c4 = read_texts(text_path("c4"))
+    return {"c4": split_docs(c4, every, residue=1), "wiki": (train[len(c4):], wiki_valid)}
+
+
 ALPACA = ("Below is an instruction that describes a task, paired with an input that provides further context. "
           "Write a response that appropriately completes the request.\n\n"
           "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 import baselines
 import data
 import evaluate
+import lorashear
 from formats import hub, svg
 from formats.checkpoint import LoadError, check_device, check_finite, load, load_adapter, save, save_gguf
 from formats.run import check_run_folder, load_run_state, open_run, save_adapter, save_run_state
@@ -167,6 +168,7 @@ class State:
     opts: dict  # name -> optimizer: "mask", "lambda", "lora"
     queue: TeacherQueue
     gen: torch.Generator  # LoRA init and mask noise: the same on every rank
+    shear: dict  # --method lorashear's "lhspg", --recovery dynamic's "recovery" (lorashear.py)
 
 
 def start(args, model, fixed=None, prior=None):
@@ -199,7 +201,7 @@ def start(args, model, fixed=None, prior=None):
         opts["lambda"] = adamw([lambdas], args.lr_lambda, maximize=True)
     if student.lora:
         opts["lora"] = adamw(student.lora.values(), args.lr_lora)
-    return State(student, lambdas, opts, TeacherQueue(args.target, args.interval, args.gap), gen)
+    return State(student, lambdas, opts, TeacherQueue(args.target, args.interval, args.gap), gen, {})
 
 
 def save_checkpoint(out, run_id, step, state):
@@ -208,7 +210,8 @@ def save_checkpoint(out, run_id, step, state):
         check_finite(group, Path(out) / "checkpoint.pt")
     save_run_state(out, {"log_alpha": st.log_alpha, "lora": st.lora, "lambdas": state.lambdas, "step": step,
                          "shift": st.shift, "opts": {k: o.state_dict() for k, o in state.opts.items()},
-                         "queue": vars(state.queue), "rng": state.gen.get_state(), "run_id": run_id})
+                         "queue": vars(state.queue), "rng": state.gen.get_state(), "run_id": run_id,
+                         "shear": {k: v.state_dict() for k, v in state.shear.items()}})
 
 
 def restore_checkpoint(out, run_id, state):
@@ -226,6 +229,8 @@ def restore_checkpoint(out, run_id, state):
     state.queue.snapshots, state.queue.stage2_start = ck["queue"]["snapshots"], ck["queue"]["stage2_start"]
     state.gen.set_state(ck["rng"])
     state.student.shift = ck.get("shift")
+    for k, v in state.shear.items():
+        v.load_state_dict(ck["shear"][k])
     return ck["step"]
 
 
@@ -247,9 +252,10 @@ def train_step(step, model, batches, state, args):
     if distill == "pkd" and learn_masks:  # with fixed masks there are no snapshots: the intact model teaches
         key = queue.teacher_key(step, expected_sparsity(student.effective(), config).item(), args.steps)
         teacher = None if key is None else {k: v.to(device) for k, v in queue.snapshots[key].items()}
+    lorashear.before_step(state.shear, step, model, student)  # --recovery dynamic: the text's mix by degradation
     terms = {"kl": 0.0, "layer": 0.0, "ce": 0.0, "skipped": 0}
     for micro in range(args.grad_accum):  # this rank's share of the global batch (all of it in one process)
-        rows = data.batch_rows(step * args.grad_accum + micro, args.batch_size * args.world, len(batches[0]), args.seed)
+        rows = lorashear.rows(state.shear)(step * args.grad_accum + micro, args.batch_size * args.world, len(batches[0]), args.seed)
         rows = rows[args.rank * args.batch_size:(args.rank + 1) * args.batch_size]
         x, m = batches[0][rows].to(device), batches[1][rows].to(device)
         for k, v in micro_step(model, x, m, adapter, teacher, distill != "none", args).items():
@@ -274,6 +280,7 @@ def train_step(step, model, batches, state, args):
     with torch.no_grad():
         for v in student.log_alpha.values() if student.shift is None else ():  # kept apart: clamp(v + shift) counts
             v.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+    lorashear.after_step(state.shear, step, model, student)  # --method lorashear: the picked units' masks fall to 0
     if learn_masks and args.controller == "project" and not terms["skipped"]:
         c = project_to_target(student.log_alpha, target, config, write=student.shift is None)
         student.shift = None if student.shift is None else c
@@ -283,7 +290,8 @@ def train_step(step, model, batches, state, args):
             **({"lagrangian": lag.item(), "lambda1": lambdas[0].item(), "lambda2": lambdas[1].item()} if "lambda" in opts else {}),
             "teacher": None if distill == "none" else ("intact" if key is None else key * args.interval),
             "lr_lora": lr_lora, "tokens_per_s": x.numel() * args.grad_accum / (time.time() - t0),
-            "memory_mb": peak_mb(device), "stage2": queue.stage2_start is not None}
+            "memory_mb": peak_mb(device), "stage2": queue.stage2_start is not None,
+            **{k: v for part in state.shear.values() for k, v in part.log().items()}}
 
 
 def run_steps(model, batches, state, args, out, run_id, first):
@@ -324,17 +332,20 @@ def train(args):
     if args.run:
         load_adapter(args.run, model)  # a broken adapter is refused before the run folder is written
     model.grad_checkpoint = args.grad_checkpoint
-    batches = data.training_blocks(tok, args.seq_len, args.data, args.finetune, args.blocks)  # tokens, loss mask
+    recovery = lorashear.Recovery(tok, args.seq_len, data.default_categories()) if args.recovery == "dynamic" else None
+    batches = recovery.batches if recovery else data.training_blocks(tok, args.seq_len, args.data, args.finetune, args.blocks)
     settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
     folder = open_run(args.out, settings, args.resume) if args.rank == 0 else nullcontext((Path(args.out), None))
     with folder as (out, run_id):  # locked to the end: one process writes a run folder at a time
         if args.world > 1:  # the other ranks learn the run id (and wait for rank 0's checks)
             dist.broadcast_object_list(box := [run_id])
             run_id = box[0]
-        fixed = baselines.baseline_masks(args, model, batches, out) if args.method != "nuteprune" else {}
+        fixed = {} if args.method == "nuteprune" else baselines.full_masks(model.config) if args.method == "lorashear" \
+            else baselines.baseline_masks(args, model, batches, out)
         new = args.method == "nuteprune" and not args.run and not (out / "checkpoint.pt").exists()  # else: checkpoint's
         prior = baselines.taylor_log_alpha(args, model, batches, out) if new and args.mask_init == "taylor" else None
         state = start(args, model, fixed, prior)
+        state.shear = lorashear.start(args, model, batches, out, state.student.fixed, recovery)
         if args.fsdp:
             shard(model, args.device, args.world)
         first = restore_checkpoint(out, run_id, state) if args.resume else 0
@@ -383,8 +394,11 @@ def get_args(argv=None):
     p.add_argument("--ce-weight", type=float, help="(recipe) weight of the next-token loss beside Eq. 7's terms")
     p.add_argument("--distill", choices=["pkd", "kd", "none"], default="pkd", help="pkd: numerous teachers")
     p.add_argument("--masks-only", action="store_true", help="learn masks without LoRA (the paper's dagger rows)")
-    p.add_argument("--method", choices=["nuteprune", "magnitude", "taylor", "bonsai"], default="nuteprune", help="a "
-                   "baseline (baselines.py) fixes its masks at --target, then LoRA recovers for --steps (0: none)")
+    p.add_argument("--method", choices=["nuteprune", "magnitude", "taylor", "bonsai", "lorashear"], default="nuteprune",
+                   help="a baseline (baselines.py) fixes its masks at --target, then LoRA recovers for --steps (0: none); "
+                   "lorashear (lorashear.py) prunes progressively while LoRA trains, then recovers")
+    p.add_argument("--recovery", choices=["uniform", "dynamic"], help="how fixed masks recover: the text in a seeded "
+                   "order, or LoRAShear's mix of the default text's categories by degradation (default: dynamic for lorashear)")
     p.add_argument("--bonsai-samples", type=int, default=100, help="--method bonsai: sub-models per pruning round")
     p.add_argument("--masks", help="with --method: an earlier run's masks.safetensors instead of choosing again")
     p.add_argument("--lora-rank", type=int, default=8)
@@ -449,13 +463,16 @@ def check_args(args):
     args.world, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # torchrun's
     if args.fsdp and (args.compile or args.world < 2):
         raise ValueError("--compile is not supported with --fsdp, which shards over several processes (torchrun)")
-    if args.masks and (args.method == "nuteprune" or not os.path.isfile(args.masks)):
+    if args.masks and (args.method in ("nuteprune", "lorashear") or not os.path.isfile(args.masks)):
         raise ValueError(f"--masks {args.masks}: a baseline's masks.safetensors, given with its --method")
     if args.method != "nuteprune" and (args.run or args.masks_only):
         raise ValueError(f"--method {args.method} chooses its own masks: not with --run or --masks-only")
     if args.finetune and not args.run:
         raise ValueError("--finetune needs --run, the pruning run whose masks it keeps")
-    args.lora_targets = args.lora_targets or ("q,k,v,o,gate,up,down" if args.finetune else "q,v")
+    args.lora_targets = args.lora_targets or ("q,k,v,o,gate,up,down" if args.finetune or args.method == "lorashear" else "q,v")
+    args.recovery = args.recovery or ("dynamic" if args.method == "lorashear" and not args.data else None)  # None: uniform
+    if args.recovery == "dynamic" and (args.data or args.finetune or args.method == "nuteprune" and not args.run):
+        raise ValueError("--recovery dynamic: for fixed masks (--method other than nuteprune, or --run) on the default text")
     if bad := set(args.lora_targets.split(",")) - set(LORA_TARGETS):
         raise ValueError(f"--lora-targets: unknown {sorted(bad)}; choose from {','.join(LORA_TARGETS)}")
     args.lr_lora = args.lr_lora or (1e-4 if args.finetune else 1e-3)

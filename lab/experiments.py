@@ -46,6 +46,11 @@ ROWS = {  # name in the table -> nute.py flags (NutePrune is the default: PKD, m
     "Bonsai + LoRA": ["--method", "bonsai", "--distill", "none"],
     "Taylor, no recovery": ["--method", "taylor", "--steps", "0"],
     "Bonsai, no recovery": ["--method", "bonsai", "--steps", "0"],
+    "LoRAShear": ["--method", "lorashear", "--distill", "none"],  # LHSPG, then dynamic recovery (lorashear.py)
+    "Taylor + LoRA, dynamic recovery": ["--method", "taylor", "--distill", "none", "--recovery", "dynamic"],
+    # NutePrune's run (its row first in --rows) with its masks kept and 100 more steps of LoRA, read in order or mixed:
+    "NutePrune, then 100 steps": ["--run", "{NutePrune}", "--steps", "100", "--distill", "none"],
+    "NutePrune, then 100 steps dynamic": ["--run", "{NutePrune}", "--steps", "100", "--distill", "none", "--recovery", "dynamic"],
 }
 
 
@@ -161,9 +166,10 @@ def make_jobs(args):
         fail(f"--rows: unknown {bad}; choose from {list(ROWS)}")
     seeds = [int(x) for x in args.seeds.split(",")]
     jobs = [("dense", "dense", "0%", None, None)]
+    run_of = lambda name, t, seed: str(Path(args.out) / folder_of(name, f"{float(t):.0%}", seed))
     jobs += [(name + (f", seed {seed}" if len(seeds) > 1 else ""), folder_of(name, f"{float(t):.0%}", seed),
-              f"{float(t):.0%}", float(t), ROWS[name] + ["--seed", seed])
-             for t in args.targets.split(",") for name in rows for seed in seeds]
+              f"{float(t):.0%}", float(t), [run_of("NutePrune", t, seed) if f == "{NutePrune}" else f for f in ROWS[name]]
+              + ["--seed", seed]) for t in args.targets.split(",") for name in rows for seed in seeds]
     if args.at_target:
         jobs += [(name + ", at target", folder + "-at-target", ratio, target, None)
                  for name, folder, ratio, target, flags in jobs if target is not None and "--method" not in flags]
