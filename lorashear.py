@@ -109,7 +109,8 @@ def saliency(model, lora, scale):
     ww, wd, dd = (torch.cat([p["z_head"][..., i].flatten(), p["z_int"][..., i].flatten()]).double() for i in range(3))
     size = torch.cat([torch.full((p["z_head"][..., 0].numel(),), 2.0 * c.dim * c.head_dim),
                       torch.full((p["z_int"][..., 0].numel(),), 3.0 * c.dim)]).double()
-    criteria = [ww.sqrt(), ww.sqrt() / size, wd / (ww.sqrt() * dd.sqrt()).clamp_min(1e-12) + 1, wd.abs(), wd ** 2 / 2]
+    magnitude, cosine = ww.sqrt(), wd / (ww.sqrt() * dd.sqrt()).clamp_min(1e-12) + 1
+    criteria = [magnitude, magnitude / size, cosine, wd.abs(), wd ** 2 / 2]  # the last two: Taylor, D for the gradient
     score = sum(x / x.norm().clamp_min(1e-12) for x in criteria) / len(criteria)
     n = p["z_head"][..., 0].numel()
     return {"z_head": score[:n].view(c.n_layers, c.n_heads).float(), "z_int": score[n:].view(c.n_layers, c.ffn_dim).float()}
@@ -120,7 +121,9 @@ def unit_vectors(model, lora, scale, which):
     (heads [n, 2 * head_dim * dim], FFN units [m, 3 * dim])."""
     c, heads, ffn = model.config, [], []
     for l, layer in enumerate(model.layers):
-        full = lambda name: sum(weight_and_update(layer, l, name, lora, scale))
+        def full(name):
+            W, D = weight_and_update(layer, l, name, lora, scale)
+            return W + D
         if (h := which["z_head"][l].nonzero().flatten()).numel():
             q = full("attention.wq").view(c.n_heads, -1)[h.to(layer.attention.wq.weight.device)]
             o = full("attention.wo").view(c.dim, c.n_heads, c.head_dim).transpose(0, 1).flatten(1)[h.to(q.device)]
@@ -147,7 +150,7 @@ class Lhspg:
         self.z, self.config, self.target, self.periods, self.eps = z, config, target, periods, eps
         self.start, self.length = round(warmup * steps), max(1, round(prune * steps / periods))
         self.end = self.start + periods * self.length  # the first step of recovery
-        self.crucial = crucial  # never pruned (None when resumed: the checkpoint's)
+        self.crucial = crucial  # never pruned (None for a resumed run until its checkpoint is loaded)
         self.active = {k: torch.zeros(z[k].shape, dtype=torch.bool) for k in ("z_head", "z_int")}  # decaying now
         self.current = None  # the active units' W + D after the last step
 
@@ -158,22 +161,33 @@ class Lhspg:
         drop_until(kept, sorted(order, key=lambda u: score[u[0]][u[1], u[2]].item()), self.config, goal)
         return {k: (kept[k] == 0) & (self.z[k].cpu() > 0) for k in self.active}
 
+    def where(self, step):
+        """-> (period, steps into it) of optimizer step `step` (0-based), or None outside the periods."""
+        t = step - self.start
+        return divmod(t, self.length) if 0 <= t < self.end - self.start else None
+
+    @torch.no_grad()
+    def before_step(self, step, model, lora, scale):
+        """A period's first step picks its units (saliency with LoRA as it stands); every step of a period starts from
+        their W + D before its update (kept from the last step, or computed here: after a pick, or when resumed)."""
+        if (at := self.where(step)) is None:
+            return
+        if at[1] == 0:
+            self.active = self.pick(self.target * (at[0] + 1) / self.periods, saliency(model, lora, scale))
+        if at[1] == 0 or self.current is None:
+            self.current = unit_vectors(model, lora, scale, self.active)
+
     @torch.no_grad()
     def after_step(self, step, model, lora, scale):
-        """After optimizer step `step` (0-based): a period's first step picks its units; each of its steps moves their
-        masks to 1 - (k + 1) / length (k: steps into the period), or to 0 where the half-space projection says so."""
-        t = step - self.start
-        if not 0 <= t < self.end - self.start:
+        """After the update of a period's step k: the picked units' masks go to 1 - (k + 1) / length (exactly 0 at the
+        period's end), or to 0 at once where the half-space projection says so."""
+        if (at := self.where(step)) is None:
             return
-        p, k = divmod(t, self.length)
-        if k == 0:
-            self.active = self.pick(self.target * (p + 1) / self.periods, saliency(model, lora, scale))
         new = unit_vectors(model, lora, scale, self.active)  # their W + D after this step's update
-        current = new if k == 0 or self.current is None else self.current  # (recomputed when resumed: the same)
-        for kind, cur, nxt in zip(("z_head", "z_int"), current, new):
+        for kind, cur, nxt in zip(("z_head", "z_int"), self.current, new):
             picked = self.active[kind].to(self.z[kind].device)
-            z_old = self.z[kind][picked].cpu()  # [n], layer-major like the vectors; 1 at k = 0
-            z_new = torch.where(z_old > 0, torch.full_like(z_old, 1 - (k + 1) / self.length), 0.0)
+            z_old = self.z[kind][picked].cpu()  # [n], layer-major like the vectors
+            z_new = torch.where(z_old > 0, torch.full_like(z_old, 1 - (at[1] + 1) / self.length), 0.0)
             if len(cur):  # the trial iterate z_new (W + D_new) against the current one z_old (W + D_old)
                 z_new[half_space(z_new[:, None] * nxt, z_old[:, None] * cur, self.eps)] = 0.0
             self.z[kind][picked] = z_new.to(self.z[kind])
@@ -182,10 +196,11 @@ class Lhspg:
     def state_dict(self):
         return {"z": {k: self.z[k].cpu().clone() for k in self.active}, "active": self.active, "crucial": self.crucial}
 
-    def load_state_dict(self, s):
+    def load_state_dict(self, s):  # (a checkpoint is loaded onto the training device: the bookkeeping stays on the CPU)
         for k in self.active:
             self.z[k].copy_(s["z"][k])
-        self.active, self.crucial, self.current = s["active"], s["crucial"], None
+        self.active, self.crucial, self.current = {k: v.cpu() for k, v in s["active"].items()}, \
+            {k: v.cpu() for k, v in s["crucial"].items()}, None
 
     def log(self):
         return {"decaying": int(sum(int((self.z[k][self.active[k].to(self.z[k].device)] > 0).sum()) for k in self.active))}
@@ -208,12 +223,13 @@ class Recovery:
         tokens = torch.cat([t for t, _ in packed.values()])
         self.batches = (tokens, torch.ones(tokens.shape))
         self.valid = [v for _, v in packed.values()]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]  # where each category's blocks start
         self.mix, self.active, self.intact = None, False, None  # mix: a probability per category
 
     @torch.no_grad()
     def losses(self, model, adapter):
         dev = model.tok_embeddings.weight.device
-        return torch.tensor([sum(next_token_loss(model, x.to(dev), adapter).item() for x in v.split(4)) / len(v.split(4))
+        return torch.tensor([sum(next_token_loss(model, x.to(dev), adapter).item() * len(x) for x in v.split(4)) / len(v)
                              for v in self.valid], dtype=torch.float64)
 
     def update(self, step, model, adapter):
@@ -232,15 +248,15 @@ class Recovery:
         if not self.active:
             return data.batch_rows(index, batch_size, n, seed)
         g = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         cats = torch.multinomial(self.mix.float(), batch_size, replacement=True, generator=g).tolist()
-        return [offsets[c] + int(torch.randint(self.sizes[c], (1,), generator=g)) for c in cats]
+        return [self.offsets[c] + int(torch.randint(self.sizes[c], (1,), generator=g)) for c in cats]
 
     def state_dict(self):
-        return {"mix": self.mix, "active": self.active}
+        return {"mix": self.mix, "active": self.active, "intact": self.intact}
 
-    def load_state_dict(self, s):
-        self.mix, self.active = s["mix"], s["active"]
+    def load_state_dict(self, s):  # on the CPU: the rows are drawn there
+        self.mix, self.intact = (None if v is None else v.cpu() for v in (s["mix"], s["intact"]))
+        self.active = s["active"]
 
     def log(self):
         return {"mix": dict(zip(self.names, [round(p, 4) for p in self.mix.tolist()]))} if self.active else {}
@@ -250,34 +266,40 @@ class Recovery:
 # nute.py's hooks
 
 def start(args, model, batches, out, fixed, recovery):
-    """What --method lorashear and --recovery dynamic change as a run goes -> {"lhspg": Lhspg, "recovery": Recovery}
+    """LoRAShear's parts that change a run as it goes -> {"lhspg": Lhspg (the fixed masks), "recovery": Recovery (the data)}
     (either may be absent). The crucial units are found once, before the first step (the cost goes to out/masks.json,
     like a baseline's); a resumed run takes them, and everything else here, from its checkpoint."""
-    shear = {}
+    parts = {}
     if args.method == "lorashear":
+        if args.fsdp:  # the saliency reads whole weights
+            raise ValueError("--method lorashear: not with --fsdp")
+        if (end := Lhspg(fixed, model.config, args.target, args.steps, None).end) > args.steps:
+            raise ValueError(f"--method lorashear: its warm-up and pruning periods need --steps {end} or more")
         crucial, t0, dev = None, time.time(), model.tok_embeddings.weight.device
         if not (Path(out) / "checkpoint.pt").exists():
             crucial = crucial_units(model, calibration_batches(args, model, batches)[:1])
             if args.rank == 0:
                 (Path(out) / "masks.json").write_text(json.dumps({"method": "lorashear knowledge distribution",
                                                                   "seconds": time.time() - t0, "peak_mb": peak_mb(dev)}))
-        shear["lhspg"] = Lhspg(fixed, model.config, args.target, args.steps, crucial)
+        parts["lhspg"] = Lhspg(fixed, model.config, args.target, args.steps, crucial)
     if recovery:  # after LHSPG's periods, or from the first step for masks fixed from the start
-        recovery.start = shear["lhspg"].end if shear else 0
-        shear["recovery"] = recovery
-    return shear
+        recovery.start = parts["lhspg"].end if parts else 0
+        parts["recovery"] = recovery
+    return parts
 
 
-def before_step(shear, step, model, student):
-    if "recovery" in shear:
-        shear["recovery"].update(step, model, {**student.fixed, **student.lora, "lora_scale": student.lora_scale})
+def before_step(parts, step, model, student):
+    if "recovery" in parts:
+        parts["recovery"].update(step, model, {**student.fixed, **student.lora, "lora_scale": student.lora_scale})
+    if "lhspg" in parts:
+        parts["lhspg"].before_step(step, model, student.lora, student.lora_scale)
 
 
-def rows(shear):
-    """-> the function that picks a batch's rows: the recovery's mix, or data.batch_rows."""
-    return shear["recovery"].rows if "recovery" in shear else data.batch_rows
+def rows(parts, index, batch_size, n, seed):
+    """The rows of a batch: drawn by the recovery's mix, or data.batch_rows."""
+    return (parts["recovery"].rows if "recovery" in parts else data.batch_rows)(index, batch_size, n, seed)
 
 
-def after_step(shear, step, model, student):
-    if "lhspg" in shear:
-        shear["lhspg"].after_step(step, model, student.lora, student.lora_scale)
+def after_step(parts, step, model, student):
+    if "lhspg" in parts:
+        parts["lhspg"].after_step(step, model, student.lora, student.lora_scale)

@@ -168,7 +168,7 @@ class State:
     opts: dict  # name -> optimizer: "mask", "lambda", "lora"
     queue: TeacherQueue
     gen: torch.Generator  # LoRA init and mask noise: the same on every rank
-    shear: dict  # --method lorashear's "lhspg", --recovery dynamic's "recovery" (lorashear.py)
+    lorashear: dict  # lorashear.py's parts: "lhspg" moves the fixed masks, "recovery" mixes the data (--recovery dynamic)
 
 
 def start(args, model, fixed=None, prior=None):
@@ -211,7 +211,7 @@ def save_checkpoint(out, run_id, step, state):
     save_run_state(out, {"log_alpha": st.log_alpha, "lora": st.lora, "lambdas": state.lambdas, "step": step,
                          "shift": st.shift, "opts": {k: o.state_dict() for k, o in state.opts.items()},
                          "queue": vars(state.queue), "rng": state.gen.get_state(), "run_id": run_id,
-                         "shear": {k: v.state_dict() for k, v in state.shear.items()}})
+                         "lorashear": {k: v.state_dict() for k, v in state.lorashear.items()}})
 
 
 def restore_checkpoint(out, run_id, state):
@@ -229,8 +229,8 @@ def restore_checkpoint(out, run_id, state):
     state.queue.snapshots, state.queue.stage2_start = ck["queue"]["snapshots"], ck["queue"]["stage2_start"]
     state.gen.set_state(ck["rng"])
     state.student.shift = ck.get("shift")
-    for k, v in state.shear.items():
-        v.load_state_dict(ck["shear"][k])
+    for k, v in state.lorashear.items():
+        v.load_state_dict(ck["lorashear"][k])
     return ck["step"]
 
 
@@ -252,10 +252,10 @@ def train_step(step, model, batches, state, args):
     if distill == "pkd" and learn_masks:  # with fixed masks there are no snapshots: the intact model teaches
         key = queue.teacher_key(step, expected_sparsity(student.effective(), config).item(), args.steps)
         teacher = None if key is None else {k: v.to(device) for k, v in queue.snapshots[key].items()}
-    lorashear.before_step(state.shear, step, model, student)  # --recovery dynamic: the text's mix by degradation
+    lorashear.before_step(state.lorashear, step, model, student)  # the data's mix; a period's units and their weights
     terms = {"kl": 0.0, "layer": 0.0, "ce": 0.0, "skipped": 0}
     for micro in range(args.grad_accum):  # this rank's share of the global batch (all of it in one process)
-        rows = lorashear.rows(state.shear)(step * args.grad_accum + micro, args.batch_size * args.world, len(batches[0]), args.seed)
+        rows = lorashear.rows(state.lorashear, step * args.grad_accum + micro, args.batch_size * args.world, len(batches[0]), args.seed)
         rows = rows[args.rank * args.batch_size:(args.rank + 1) * args.batch_size]
         x, m = batches[0][rows].to(device), batches[1][rows].to(device)
         for k, v in micro_step(model, x, m, adapter, teacher, distill != "none", args).items():
@@ -280,7 +280,7 @@ def train_step(step, model, batches, state, args):
     with torch.no_grad():
         for v in student.log_alpha.values() if student.shift is None else ():  # kept apart: clamp(v + shift) counts
             v.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
-    lorashear.after_step(state.shear, step, model, student)  # --method lorashear: the picked units' masks fall to 0
+    lorashear.after_step(state.lorashear, step, model, student)  # --method lorashear: the picked units' masks fall to 0
     if learn_masks and args.controller == "project" and not terms["skipped"]:
         c = project_to_target(student.log_alpha, target, config, write=student.shift is None)
         student.shift = None if student.shift is None else c
@@ -291,7 +291,7 @@ def train_step(step, model, batches, state, args):
             "teacher": None if distill == "none" else ("intact" if key is None else key * args.interval),
             "lr_lora": lr_lora, "tokens_per_s": x.numel() * args.grad_accum / (time.time() - t0),
             "memory_mb": peak_mb(device), "stage2": queue.stage2_start is not None,
-            **{k: v for part in state.shear.values() for k, v in part.log().items()}}
+            **{k: v for part in state.lorashear.values() for k, v in part.log().items()}}
 
 
 def run_steps(model, batches, state, args, out, run_id, first):
@@ -340,12 +340,13 @@ def train(args):
         if args.world > 1:  # the other ranks learn the run id (and wait for rank 0's checks)
             dist.broadcast_object_list(box := [run_id])
             run_id = box[0]
-        fixed = {} if args.method == "nuteprune" else baselines.full_masks(model.config) if args.method == "lorashear" \
-            else baselines.baseline_masks(args, model, batches, out)
+        fixed = {}  # NutePrune learns its masks; LoRAShear moves them as it goes; a baseline chooses them here
+        if args.method != "nuteprune":
+            fixed = baselines.full_masks(model.config) if args.method == "lorashear" else baselines.baseline_masks(args, model, batches, out)
         new = args.method == "nuteprune" and not args.run and not (out / "checkpoint.pt").exists()  # else: checkpoint's
         prior = baselines.taylor_log_alpha(args, model, batches, out) if new and args.mask_init == "taylor" else None
         state = start(args, model, fixed, prior)
-        state.shear = lorashear.start(args, model, batches, out, state.student.fixed, recovery)
+        state.lorashear = lorashear.start(args, model, batches, out, state.student.fixed, recovery)
         if args.fsdp:
             shard(model, args.device, args.world)
         first = restore_checkpoint(out, run_id, state) if args.resume else 0
@@ -470,8 +471,8 @@ def check_args(args):
     if args.finetune and not args.run:
         raise ValueError("--finetune needs --run, the pruning run whose masks it keeps")
     args.lora_targets = args.lora_targets or ("q,k,v,o,gate,up,down" if args.finetune or args.method == "lorashear" else "q,v")
-    args.recovery = args.recovery or ("dynamic" if args.method == "lorashear" and not args.data else None)  # None: uniform
-    if args.recovery == "dynamic" and (args.data or args.finetune or args.method == "nuteprune" and not args.run):
+    args.recovery = args.recovery or ("dynamic" if args.method == "lorashear" and not (args.data or args.blocks) else None)
+    if args.recovery == "dynamic" and (args.data or args.blocks or args.finetune or args.method == "nuteprune" and not args.run):
         raise ValueError("--recovery dynamic: for fixed masks (--method other than nuteprune, or --run) on the default text")
     if bad := set(args.lora_targets.split(",")) - set(LORA_TARGETS):
         raise ValueError(f"--lora-targets: unknown {sorted(bad)}; choose from {','.join(LORA_TARGETS)}")

@@ -161,7 +161,8 @@ def make_jobs(args):
     """-> [(name, folder, ratio, target, nute.py flags)]: dense, then every row at every target and seed;
     with --at-target the learned-mask runs again moved to exactly the target (flags None: they reuse the
     trained run)."""
-    rows = re.split(r",(?! )", args.rows) if args.rows else list(ROWS)  # ", " belongs to a name
+    rows = re.split(r",(?! )", args.rows) if args.rows else [r for r in ROWS if not (args.data and "dynamic" in ROWS[r])]
+    # (", " belongs to a name; dynamic recovery mixes the default text's categories: not with --data)
     if bad := [r for r in rows if r not in ROWS]:
         fail(f"--rows: unknown {bad}; choose from {list(ROWS)}")
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -172,7 +173,7 @@ def make_jobs(args):
               + ["--seed", seed]) for t in args.targets.split(",") for name in rows for seed in seeds]
     if args.at_target:
         jobs += [(name + ", at target", folder + "-at-target", ratio, target, None)
-                 for name, folder, ratio, target, flags in jobs if target is not None and "--method" not in flags]
+                 for name, folder, ratio, target, flags in jobs if target is not None and not {"--method", "--run"} & set(flags)]
     return jobs
 
 

@@ -1,5 +1,6 @@
 """lab/experiments.py end to end on a tiny model: every row trains, evaluates and lands in the table."""
 import json
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -23,7 +24,7 @@ def test_experiments_smoke(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(f"document {i}: the cat sat on the mat and looked at bird number {i}." for i in range(200)))
     cmd = [sys.executable, "-m", "lab.experiments", "--ckpt", ckpt, "--data", text, "--heldout", text, "--tasks", "none",
-           "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--dtype", "fp32", "--targets", "0.3", "--at-target",
+           "--steps", "5", "--batch-size", "2", "--seq-len", "32", "--dtype", "fp32", "--targets", "0.3", "--at-target",
            "--valid", text, "--out", tmp_path / "res"]
     r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -61,6 +62,13 @@ def test_experiments_smoke(tmp_path):
 def test_rows_named_with_a_comma():
     args = experiments.get_args(["--rows", "NutePrune,Taylor, no recovery,NutePrune, masks only", "--targets", "0.2"])
     assert [job[0] for job in experiments.make_jobs(args)] == ["dense", "NutePrune", "Taylor, no recovery", "NutePrune, masks only"]
+
+
+def test_a_row_after_nuteprune_continues_its_run():
+    args = experiments.get_args(["--rows", "NutePrune,NutePrune, then 100 steps dynamic", "--targets", "0.5", "--seeds",
+                                 "0,1", "--out", "res"])
+    flags = {job[1]: job[4] for job in experiments.make_jobs(args)}
+    assert flags["NutePrune-then-100-steps-dynamic-50-seed1"][:2] == ["--run", os.path.join("res", "NutePrune-50-seed1")]
 
 
 def test_experiments_seeds_give_mean_and_spread(tmp_path):

@@ -95,8 +95,9 @@ def test_knowledge_distribution_equals_zeroed_weights(tiny):
 
 def test_lhspg_schedule_and_projection(tiny):
     """Nothing moves before the warm-up ends; a period's units fall 1 - (k + 1) / length, the others stay at exactly 1;
-    a unit whose weights LoRA turns around goes to 0 at once (the half-space projection); crucial units are never
-    picked; after the last period the masks are binary and Eq. 3 sits at the target (past it by less than one unit)."""
+    a unit whose weights LoRA turns around goes to 0 at once (the half-space projection), in a run resumed just
+    before that step too; crucial units are never picked; after the last period the masks are binary and Eq. 3
+    sits at the target (past it by less than one unit)."""
     m, _ = tiny
     c, (lora, s) = m.config, lora_for(m)
     z = {k: v.clone() for k, v in B.full_masks(c).items()}
@@ -104,15 +105,22 @@ def test_lhspg_schedule_and_projection(tiny):
     crucial["z_int"][0] = True
     lh = L.Lhspg(z, c, 0.3, steps=20, crucial=crucial, periods=2, warmup=0.1, prune=0.8)
     assert (lh.start, lh.length, lh.end) == (2, 8, 18)
-    for step in range(2):
-        lh.after_step(step, m, lora, s)
+    step = lambda lh, t: (lh.before_step(t, m, lora, s), lh.after_step(t, m, lora, s))
+    for t in range(2):
+        step(lh, t)
     assert all((v == 1).all() for v in z.values())
-    lh.after_step(2, m, lora, s)  # period 0, k = 0: picks
+    step(lh, 2)  # period 0, k = 0: picks
     active = {k: v.clone() for k, v in lh.active.items()}
     assert active["z_int"].any() and not (active["z_int"] & crucial["z_int"]).any()
     assert torch.allclose(z["z_int"][active["z_int"]], torch.tensor(1 - 1 / 8))
     assert (z["z_int"][~active["z_int"]] == 1).all() and (z["z_head"][~active["z_head"]] == 1).all()
-    l, i = active["z_int"].nonzero()[0].tolist()  # turn this unit around: W + D = -W (rank 4 >= the 1 row it needs)
+    step(lh, 3)
+    z_b = {k: v.clone() for k, v in z.items()}  # a run resumed from a checkpoint after step 3
+    resumed = L.Lhspg(z_b, c, 0.3, steps=20, crucial=None, periods=2, warmup=0.1, prune=0.8)
+    resumed.load_state_dict(copy.deepcopy(lh.state_dict()))
+    for run in (lh, resumed):
+        run.before_step(4, m, lora, s)
+    l, i = active["z_int"].nonzero()[0].tolist()  # step 4's update turns this unit around: W + D = -W
     f = m.layers[l].feed_forward
     for name, w in (("w1", f.w1.weight), ("w3", f.w3.weight)):
         key = f"layers.{l}.feed_forward.{name}"
@@ -123,13 +131,14 @@ def test_lhspg_schedule_and_projection(tiny):
     lora[key + ".lora_A"][:, i] = 0
     lora[key + ".lora_A"][1, i] = 1
     lora[key + ".lora_B"][:, 1] = -2 * f.w2.weight[:, i].double() / s
-    lh.after_step(3, m, lora, s)
-    assert z["z_int"][l, i] == 0
+    for run in (lh, resumed):
+        run.after_step(4, m, lora, s)
+    assert z["z_int"][l, i] == 0 and all(torch.equal(z[k], z_b[k]) for k in z)
     others = active["z_int"].clone()
     others[l, i] = False
-    assert others.any() and torch.allclose(z["z_int"][others], torch.tensor(1 - 2 / 8))
-    for step in range(4, 20):
-        lh.after_step(step, m, lora, s)
+    assert others.any() and torch.allclose(z["z_int"][others], torch.tensor(1 - 3 / 8))
+    for t in range(5, 20):
+        step(lh, t)
     assert all(((v == 0) | (v == 1)).all() for v in z.values())
     assert (z["z_int"][0] == 1).all()  # crucial
     assert 0.3 <= mask_sparsity(z, c) < 0.3 + 4 * c.head_dim * c.dim / prunable_size(c)  # past it by at most a head + kv
@@ -197,4 +206,6 @@ def test_lorashear_run_lands_on_target_and_resumes_bit_identical(tiny_run, tmp_p
     assert "layers.0.feed_forward.w2.lora_A" in a and (tmp_path / "a" / "masks.json").exists()
     import json
     rows = [json.loads(r) for r in open(tmp_path / "a" / "log.jsonl")]
+    with pytest.raises(ValueError, match="need --steps 5 or more"):  # 3 steps would end before the pruning does
+        shear(tiny_run, tmp_path / "c", "--steps", "3")
     assert "mix" not in rows[18] and set(rows[19]["mix"]) == {"c4", "wiki"} and len(rows) == 40
