@@ -224,7 +224,7 @@ class Recovery:
         self.batches = (tokens, torch.ones(tokens.shape))
         self.valid = [v for _, v in packed.values()]
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]  # where each category's blocks start
-        self.mix, self.active, self.intact = None, False, None  # mix: a probability per category
+        self.mix, self.intact = None, None  # mix: a probability per category, None before recovery
 
     @torch.no_grad()
     def losses(self, model, adapter):
@@ -240,26 +240,24 @@ class Recovery:
             self.intact = self.losses(model, None)
         rise = (self.losses(model, adapter) - self.intact).clamp_min(0)
         self.mix = rise / rise.sum() if rise.sum() > 0 else torch.full((len(rise),), 1 / len(rise), dtype=torch.float64)
-        self.active = True
 
     def rows(self, index, batch_size, n, seed):
         """Rows of the `index`-th batch: data.batch_rows before recovery; then drawn by the mix (seeded by the index,
         so a resumed run draws the same rows)."""
-        if not self.active:
+        if self.mix is None:
             return data.batch_rows(index, batch_size, n, seed)
         g = torch.Generator().manual_seed(seed * 1_000_003 + index)
         cats = torch.multinomial(self.mix.float(), batch_size, replacement=True, generator=g).tolist()
         return [self.offsets[c] + int(torch.randint(self.sizes[c], (1,), generator=g)) for c in cats]
 
     def state_dict(self):
-        return {"mix": self.mix, "active": self.active, "intact": self.intact}
+        return {"mix": self.mix, "intact": self.intact}
 
     def load_state_dict(self, s):  # on the CPU: the rows are drawn there
         self.mix, self.intact = (None if v is None else v.cpu() for v in (s["mix"], s["intact"]))
-        self.active = s["active"]
 
     def log(self):
-        return {"mix": dict(zip(self.names, [round(p, 4) for p in self.mix.tolist()]))} if self.active else {}
+        return {"mix": dict(zip(self.names, [round(p, 4) for p in self.mix.tolist()]))} if self.mix is not None else {}
 
 
 # ----------------------------------------------------------------------------------------------------

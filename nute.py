@@ -28,13 +28,12 @@ import data
 import evaluate
 import lorashear
 from formats import hub, svg
-from formats.checkpoint import LoadError, check_device, check_finite, load, load_adapter, save, save_gguf
-from formats.run import check_run_folder, load_run_state, open_run, save_adapter, save_run_state
-from formats.layout import pad_model
+from formats.checkpoint import LoadError, check_device, check_finite, load, load_adapter
+from formats.run import check_run_folder, export, load_run_state, open_run, save_adapter, save_run_state
 from kernels import TemperedKL, average_over_ranks, full_state, init_distributed, peak_mb, shard
 from masks import (LOG_ALPHA_MAX, LOG_ALPHA_MIN, MASKS, deterministic_z, expected_sparsity, init_log_alpha, lagrangian,
                    mask_sparsity, project_to_target, sample_z, shifted, structure_table, target_at, warmup_for)
-from model import LORA_TARGETS, build, compile_decoding, decode_one_token, init_lora, slice_model
+from model import LORA_TARGETS, build, compile_decoding, decode_one_token, init_lora
 
 __all__ = ["Student", "TeacherQueue", "State", "start", "distill_loss", "micro_step", "train_step", "train",
            "get_args", "main"]  # what other code may call (lab/ does: tests/test_repo.py); the rest may change
@@ -493,12 +492,7 @@ def main(argv=None):
             print(f"stopped after {args.stop_after} steps; continue with --resume")
         return
     (model, tok, adapter), out = result, Path(args.out)
-    dtype = DTYPES[args.export_dtype or args.dtype]
-    # zero units (exact) for faster shapes: the GQA layout, 16-bit widths in 32s (NOTEBOOK, "Pruned vs dense decoding")
-    small = pad_model(slice_model(model, adapter), 1 if dtype == torch.float32 else 32).to(dtype)
-    save(small, tok, out / "model")
-    if args.gguf:  # for llama.cpp (python -m formats.checkpoint writes one from any finished run too)
-        save_gguf(small, tok, out / "model.gguf", args.gguf)
+    small = export(model, tok, adapter, out, DTYPES[args.export_dtype or args.dtype], args.gguf)
     print((out / "structure.md").read_text())
     print(evaluate.trajectory(out / "log.jsonl"))
     final = mask_sparsity(adapter, model.config)

@@ -1,6 +1,6 @@
 """A run folder: settings.json (a run's settings and run id), a lock while a process writes it, log.jsonl (a row a
 step), checkpoint.pt (everything a resume needs: tensors, numbers and strings only), adapter.safetensors (the
-result). Every file is written whole or not at all (write_atomic)."""
+result), model/ and model.gguf (the pruned model). Every file is written whole or not at all (write_atomic)."""
 import fcntl
 import json
 import os
@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from formats.checkpoint import LoadError, check_finite, write_atomic
+from formats.checkpoint import LoadError, check_finite, save, save_gguf, write_atomic
+from formats.layout import pad_model
+from model import slice_model
 
 
 def save_adapter(adapter, run):
@@ -19,6 +21,17 @@ def save_adapter(adapter, run):
     tensors = {k: torch.as_tensor(v).detach().float().cpu().contiguous() for k, v in adapter.items()}
     check_finite(tensors, os.path.join(run, "adapter.safetensors"))
     write_atomic(os.path.join(run, "adapter.safetensors"), lambda tmp: save_file(tensors, tmp))
+
+
+def export(model, tok, adapter, out, dtype, gguf=None):
+    """The run's pruned model (model.slice_model) written as out/model, and with `gguf` (a tensor type) out/model.gguf
+    for llama.cpp -> the model. Zero units (exact) give it faster shapes: the GQA layout, 16-bit widths in 32s
+    (lab/NOTEBOOK.md, "Pruned vs dense decoding")."""
+    small = pad_model(slice_model(model, adapter), 1 if dtype == torch.float32 else 32).to(dtype)
+    save(small, tok, Path(out) / "model")
+    if gguf:  # (python -m formats.checkpoint writes one from any finished run too)
+        save_gguf(small, tok, Path(out) / "model.gguf", gguf)
+    return small
 
 
 def check_run_folder(out, resume):
