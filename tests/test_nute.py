@@ -410,7 +410,9 @@ def test_bad_input_exit_2(tiny, tmp_path, extra, message):
 def test_ctrl_c_is_one_line_that_says_how_to_go_on(tiny, tmp_path):
     cmd = [sys.executable, "nute.py", "--ckpt", tiny[0], "--data", tiny[1], "--out", tmp_path / "r", "--seq-len", 32,
            "--batch-size", 2, "--dtype", "fp32", "--no-eval", "--steps", 10000, "--save-every", 1]
-    p = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as in a terminal: a shell's background job (`pytest &`) starts with it ignored, and Python keeps that
+    p = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not (tmp_path / "r" / "checkpoint.pt").exists() and p.poll() is None:
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
